@@ -1,0 +1,58 @@
+"""``RUN/manifest.json``: per-stage status, timings and outputs, so a re-run skips finished work."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+
+STAGES = ("teacher", "train", "eval", "serve-check")
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+class Manifest:
+    """A thin view of the manifest file; every change is written through atomically."""
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / "manifest.json"
+        self.data = json.loads(self.path.read_text()) if self.path.exists() else {"stages": {}}
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.data, indent=2, default=str))
+        os.replace(tmp, self.path)
+
+    def succeeded(self, stage: str) -> bool:
+        return self.data["stages"].get(stage, {}).get("status") == "succeeded"
+
+    def outputs(self, stage: str) -> dict:
+        return self.data["stages"].get(stage, {}).get("outputs", {})
+
+    def set_info(self, key: str, value) -> None:
+        self.data[key] = value
+        self.save()
+
+    @contextmanager
+    def stage(self, name: str):
+        """Record a stage's run. The body fills the yielded dict with the stage's outputs."""
+        outputs: dict = {}
+        started = time.time()
+        entry = {"status": "running", "started_at": _now(), "outputs": outputs}
+        self.data["stages"][name] = entry
+        self.save()
+        try:
+            yield outputs
+        except BaseException as err:
+            entry.update(status="failed", ended_at=_now(), seconds=round(time.time() - started, 1),
+                         error="".join(traceback.format_exception_only(type(err), err)).strip())
+            self.save()
+            raise
+        entry.update(status="succeeded", ended_at=_now(), seconds=round(time.time() - started, 1))
+        self.save()

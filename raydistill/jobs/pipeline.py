@@ -1,0 +1,120 @@
+"""The pipeline: teacher -> train -> eval -> serve-check, each recorded in the run's manifest."""
+
+from __future__ import annotations
+
+import platform
+import time
+from pathlib import Path
+
+from raydistill.jobs.manifest import STAGES, Manifest
+from raydistill.spec import JobSpec, dump_spec
+
+
+def init_ray(runtime) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+    if runtime.ray_address:
+        ray.init(address=runtime.ray_address, runtime_env=env)
+    else:
+        # More logical CPUs than cores on purpose: Serve's proxy and ingress, Data's actors and
+        # Train's workers each reserve one, and mostly wait.
+        ray.init(num_cpus=runtime.num_cpus, include_dashboard=False, runtime_env=env)
+
+
+def _versions() -> dict:
+    import deepspeed
+    import ray
+    import torch
+    import transformers
+
+    import raydistill
+
+    out = {"python": platform.python_version(), "raydistill": raydistill.__version__, "ray": ray.__version__,
+           "torch": torch.__version__, "transformers": transformers.__version__, "deepspeed": deepspeed.__version__}
+    try:
+        import vllm
+
+        out["vllm"] = vllm.__version__
+    except ImportError:
+        out["vllm"] = None
+    return out
+
+
+def _teacher_stage(spec: JobSpec, teacher_path: str, signals_dir: Path, out: dict) -> None:
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from raydistill.data.corpus import read_corpus
+    from raydistill.data.signals import tokenizer_fingerprint, write_signal_meta
+    from raydistill.teacher.stage import sampling_params, teacher_signals
+
+    import ray.data
+
+    if signals_dir.exists():  # an interrupted earlier attempt; its partial shards are not trusted
+        shutil.rmtree(signals_dir)
+    write_signal_meta(signals_dir, {
+        "teacher": spec.teacher.model,
+        "teacher_path": teacher_path,
+        "tokenizer_fingerprint": tokenizer_fingerprint(AutoTokenizer.from_pretrained(teacher_path)),
+        "top_k": spec.teacher_pass.top_k,
+        "mode": spec.teacher_pass.mode,
+        "sampling": sampling_params(spec.teacher_pass),
+        "logprobs_mode": "raw_logprobs",
+    })
+    teacher_signals(read_corpus(spec.data), spec.teacher, spec.teacher_pass, teacher_path).write_parquet(str(signals_dir))
+    written = ray.data.read_parquet(str(signals_dir)).select_columns(["split"]).to_pandas()["split"].value_counts()
+    out.update(signals_dir=str(signals_dir), rows=int(written.sum()), train_rows=int(written.get("train", 0)), eval_rows=int(written.get("eval", 0)))
+    print(f"[teacher] wrote {out['rows']} signal rows to {signals_dir}", flush=True)
+
+
+def _first_eval_prompt(signals_dir: Path) -> str:
+    import pyarrow.dataset as pads
+
+    table = pads.dataset(str(signals_dir), format="parquet").to_table(columns=["prompt", "split"])
+    prompts = [p for p, s in zip(table["prompt"].to_pylist(), table["split"].to_pylist()) if s == "eval"]
+    return (prompts or table["prompt"].to_pylist())[0]
+
+
+def run_pipeline(spec: JobSpec, stages: list[str] | None = None) -> dict:
+    """Run the selected stages (all by default), skipping those the manifest marks succeeded."""
+    from raydistill.distill.train import run_train_stage
+    from raydistill.eval.stage import run_eval_stage
+    from raydistill.models import resolve_model
+    from raydistill.serving.app import serve_check
+
+    stages = list(stages or STAGES)
+    run_dir = Path(spec.runtime.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "spec.yaml").write_text(dump_spec(spec))
+    manifest = Manifest(run_dir)
+    teacher_path, student_path = resolve_model(spec.teacher.model), resolve_model(spec.student.model)
+    manifest.set_info("models", {"teacher": teacher_path, "student_init": student_path})
+    manifest.set_info("versions", _versions())
+    signals_dir = run_dir / "signals"
+    student_dir = run_dir / "student"
+
+    init_ray(spec.runtime)
+    for name in (s for s in STAGES if s in stages):
+        if name == "eval" and not spec.eval.enabled:
+            print("==> [eval] disabled by eval.enabled=false; skipping", flush=True)
+            continue
+        if manifest.succeeded(name):
+            print(f"==> [{name}] already succeeded in {run_dir}; skipping", flush=True)
+            continue
+        print(f"==> [{name}] starting ({time.strftime('%H:%M:%S')})", flush=True)
+        with manifest.stage(name) as out:
+            if name == "teacher":
+                _teacher_stage(spec, teacher_path, signals_dir, out)
+            elif name == "train":
+                out.update(run_train_stage(spec.train, spec.distill, student_path, str(signals_dir), str(run_dir)))
+            elif name == "eval":
+                out.update(run_eval_stage(spec.eval, spec.train.max_seq_len, str(student_dir), teacher_path, str(signals_dir), str(run_dir)))
+            elif name == "serve-check":
+                out.update(serve_check(str(student_dir), spec.model_id, spec.serve, _first_eval_prompt(signals_dir)))
+                print(f"[serve-check] {out['prompt']!r} -> {out['answer']!r}", flush=True)
+        print(f"==> [{name}] succeeded in {manifest.data['stages'][name]['seconds']}s", flush=True)
+    return manifest.data

@@ -1,0 +1,253 @@
+"""The job spec: one typed, documented model of a raydistill job, loaded and validated once.
+
+Every component receives only the sub-spec it needs (``TeacherSpec``, ``TrainSpec``...), never
+the whole job. Validation collects every problem at once and reports each with its dotted
+YAML key and the offending value; user input is never checked with ``assert``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from raydistill.models import is_builtin_model
+
+
+class SpecError(Exception):
+    """A spec that cannot be used. ``errors`` holds one ``key: message`` line per problem."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = errors
+        super().__init__("invalid job spec:\n" + "\n".join(f"  - {e}" for e in errors))
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors: a typo such as `trian:` must not be silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+def _model_ref_exists(value: str) -> str:
+    if is_builtin_model(value) or "://" in value:
+        return value
+    if not Path(value).is_dir():
+        raise ValueError(f"model directory {value!r} does not exist (use a Hugging Face directory or a builtin such as 'tiny:teacher')")
+    return value
+
+
+# A model reference: a Hugging Face directory that must exist, or a builtin name.
+ModelRef = Annotated[str, AfterValidator(_model_ref_exists)]
+
+
+class TeacherSpec(_Section):
+    model: ModelRef = Field(description="The teacher: a local Hugging Face model directory, or a builtin reference such as 'tiny:teacher'.")
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra vLLM engine arguments passed through unchanged (e.g. max_model_len, dtype, enforce_eager).",
+    )
+    replicas: int = Field(1, ge=1, description="Number of vLLM teacher engine actors in the Ray Data pool.")
+    batch_size: int = Field(16, ge=1, description="Prompts sent to one teacher engine per Ray Data batch.")
+
+
+class StudentSpec(_Section):
+    model: ModelRef = Field(description="The student's starting point: a local Hugging Face model directory, or a builtin such as 'tiny:student'. It must share the teacher's tokenizer.")
+
+
+class DataSpec(_Section):
+    path: str = Field(description="The prompt corpus: a local JSONL file, one JSON object per line.")
+    format: Literal["jsonl"] = Field("jsonl", description="Corpus format.")
+    prompt_field: str = Field("prompt", min_length=1, description="Key of the prompt text in each corpus row.")
+    id_field: str = Field(
+        "id",
+        min_length=1,
+        description="Key of a stable row id. Rows without it get an id derived from a hash of the prompt text.",
+    )
+    eval_fraction: float = Field(
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="Share of rows held out for evaluation, chosen by a hash of the row id so the split is stable across runs.",
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _path_exists(cls, v: str) -> str:
+        if "://" not in v and not Path(v).is_file():
+            raise ValueError(f"corpus file {v!r} does not exist")
+        return v
+
+
+class SamplingSpec(_Section):
+    max_tokens: int = Field(64, ge=1, description="Maximum tokens the teacher generates per prompt.")
+    temperature: float = Field(1.0, ge=0.0, description="Teacher sampling temperature; 0 is greedy.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Teacher nucleus sampling threshold.")
+    seed: int | None = Field(0, description="Sampling seed, so a re-run reproduces the same responses.")
+
+
+class TeacherPassSpec(_Section):
+    mode: Literal["generate"] = Field("generate", description="'generate': the teacher writes a response to each prompt and its top-k log-probs are kept.")
+    top_k: int = Field(8, ge=1, le=64, description="How many of the teacher's most likely tokens are kept per target position.")
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec, description="Teacher sampling settings.")
+
+
+class DistillSpec(_Section):
+    loss: Literal["forward_kl"] = Field("forward_kl", description="The KD divergence, computed over the teacher's top-k plus a tail bucket.")
+    ce_weight: float = Field(
+        0.1,
+        ge=0.0,
+        le=1.0,
+        description="Weight of cross-entropy on the teacher's tokens; the loss is (1 - ce_weight) * KD + ce_weight * CE.",
+    )
+    temperature: float = Field(1.0, gt=0.0, description="Temperature applied to the student's logits in the KD term.")
+
+
+class TrainSpec(_Section):
+    workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel ranks).")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    micro_batch_size: int = Field(4, ge=1, description="Sequences per worker per forward pass.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    lr: float = Field(1e-3, gt=0.0, description="Peak learning rate (AdamW).")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps to run. If unset, `epochs` decides.")
+    epochs: int = Field(1, ge=1, description="Passes over the training signals when `max_steps` is unset.")
+    max_seq_len: int = Field(512, ge=8, description="Sequences longer than this are truncated.")
+    seed: int = Field(0, description="Seed for model and data-order randomness.")
+    use_gpu: bool = Field(False, description="Train on GPUs (one per worker) instead of CPUs.")
+
+
+class EvalSpec(_Section):
+    enabled: bool = Field(True, description="Run the evaluation stage.")
+    batch_size: int = Field(8, ge=1, description="Held-out sequences per scoring batch.")
+
+
+class ServeSpec(_Section):
+    host: str = Field("127.0.0.1", description="Interface the HTTP server binds; loopback unless you mean to expose it.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of the OpenAI-compatible app.")
+    model_id: str | None = Field(None, description="Model id clients ask for; defaults to the run directory's name.")
+    engine_args: dict[str, Any] = Field(default_factory=dict, description="Extra vLLM engine arguments for the served student.")
+
+
+class RuntimeSpec(_Section):
+    run_dir: str = Field(description="Directory that holds every artifact of this job (signals, checkpoints, student, eval).")
+    ray_address: str | None = Field(None, description="Ray cluster to join; unset starts a local Ray inside the process.")
+    num_cpus: int = Field(
+        8,
+        ge=1,
+        description="Logical CPUs for a local Ray. More than the physical cores is intended: Serve, Data and Train actors each reserve one.",
+    )
+
+
+class JobSpec(_Section):
+    teacher: TeacherSpec = Field(description="The teacher model and its vLLM engines.")
+    student: StudentSpec = Field(description="The student model.")
+    data: DataSpec = Field(description="The prompt corpus.")
+    teacher_pass: TeacherPassSpec = Field(default_factory=TeacherPassSpec, description="What the teacher produces.")
+    distill: DistillSpec = Field(default_factory=DistillSpec, description="The distillation loss.")
+    train: TrainSpec = Field(default_factory=TrainSpec, description="Ray Train and DeepSpeed settings.")
+    eval: EvalSpec = Field(default_factory=EvalSpec, description="Evaluation of the student against the teacher.")
+    serve: ServeSpec = Field(default_factory=ServeSpec, description="Serving the student over HTTP.")
+    runtime: RuntimeSpec = Field(description="Where the job runs and writes.")
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "JobSpec":
+        errors = []
+        max_logprobs = self.teacher.engine_args.get("max_logprobs")
+        if max_logprobs is not None and self.teacher_pass.top_k > int(max_logprobs):
+            errors.append(f"teacher_pass.top_k: {self.teacher_pass.top_k} exceeds teacher.engine_args.max_logprobs ({max_logprobs})")
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+    @property
+    def model_id(self) -> str:
+        return self.serve.model_id or Path(self.runtime.run_dir.rstrip("/")).name
+
+
+# --------------------------------------------------------------------------- loading
+
+_PATH_KEYS = ("runtime.run_dir", "data.path", "teacher.model", "student.model")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``dotted.key=value``; the value is read as YAML so numbers, bools and lists keep their type."""
+    if "=" not in text:
+        raise SpecError([f"--set {text!r}: expected dotted.key=value"])
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise SpecError([f"--set {text!r}: empty key segment"])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise SpecError([f"--set {text!r}: {'.'.join(parts[: i + 1])} is not a section"])
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def _absolutize_paths(raw: dict) -> None:
+    # Relative paths mean "relative to where the user ran the command"; they are made absolute
+    # before anything reaches Ray, whose workers run in other directories.
+    for dotted in _PATH_KEYS:
+        section, key = dotted.split(".")
+        node = raw.get(section)
+        if isinstance(node, dict) and isinstance(node.get(key), str):
+            value = node[key]
+            if value and "://" not in value and not is_builtin_model(value):
+                node[key] = os.path.abspath(os.path.expanduser(value))
+
+
+def format_validation_error(err: ValidationError) -> list[str]:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<spec>"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "missing":
+            lines.append(f"{key}: required field is missing")
+        elif e["type"] == "extra_forbidden":
+            lines.append(f"{key}: unknown key (value {e['input']!r})")
+        else:
+            lines.append(f"{key}: {e['input']!r} is invalid: {msg}")
+    return lines
+
+
+def spec_from_dict(raw: Any) -> JobSpec:
+    if not isinstance(raw, dict):
+        raise SpecError([f"<spec>: expected a mapping of sections, got {type(raw).__name__}"])
+    _absolutize_paths(raw)
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as err:
+        raise SpecError(format_validation_error(err)) from None
+
+
+def load_spec(path: str | os.PathLike, overrides: list[str] | None = None) -> JobSpec:
+    """Load a YAML spec, apply ``--set`` overrides and validate, raising ``SpecError`` with every problem."""
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise SpecError([f"{path}: cannot read spec ({err.strerror})"]) from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise SpecError([f"{path}: not valid YAML: {err}"]) from None
+    if isinstance(raw, dict):
+        raw = apply_overrides(raw, overrides or [])
+    return spec_from_dict(raw)
+
+
+def dump_spec(spec: JobSpec) -> str:
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
