@@ -26,6 +26,10 @@ import torch.nn.functional as F
 # Finite stand-in for -inf when masking logits: a fully masked row must still have a finite
 # logsumexp, or its (zero-weighted) gradient becomes 0 * nan = nan.
 _MASK_VALUE = -1e30
+# Floor for the student's tail log-prob. When the top-k covers the whole vocabulary the student
+# tail is empty, while the stored teacher tail is float32 rounding (~1e-7); without a floor that
+# rounding times log(0) would dominate the loss. e**-100 is far below any real tail mass.
+_MIN_TAIL_LOGPROB = -100.0
 
 
 def teacher_tail_mass(topk_logprobs: torch.Tensor) -> torch.Tensor:
@@ -50,6 +54,7 @@ def _folded_student_logprobs(logits: torch.Tensor, topk_ids: torch.Tensor, tempe
     log_z = torch.logsumexp(z, dim=-1, keepdim=True)
     top = z.gather(-1, topk_ids) - log_z
     tail = torch.logsumexp(z.scatter(-1, topk_ids, _MASK_VALUE), dim=-1, keepdim=True) - log_z
+    tail = tail.clamp_min(_MIN_TAIL_LOGPROB)
     return torch.cat([top, tail], dim=-1)
 
 

@@ -21,7 +21,7 @@ def init_ray(runtime) -> None:
     else:
         # More logical CPUs than cores on purpose: Serve's proxy and ingress, Data's actors and
         # Train's workers each reserve one, and mostly wait.
-        ray.init(num_cpus=runtime.num_cpus, include_dashboard=False, runtime_env=env)
+        ray.init(num_cpus=runtime.num_cpus, runtime_env=env)
 
 
 def _versions() -> dict:
@@ -43,34 +43,6 @@ def _versions() -> dict:
     return out
 
 
-def _teacher_stage(spec: JobSpec, teacher_path: str, signals_dir: Path, out: dict) -> None:
-    import shutil
-
-    from transformers import AutoTokenizer
-
-    from raydistill.data.corpus import read_corpus
-    from raydistill.data.signals import tokenizer_fingerprint, write_signal_meta
-    from raydistill.teacher.stage import sampling_params, teacher_signals
-
-    import ray.data
-
-    if signals_dir.exists():  # an interrupted earlier attempt; its partial shards are not trusted
-        shutil.rmtree(signals_dir)
-    write_signal_meta(signals_dir, {
-        "teacher": spec.teacher.model,
-        "teacher_path": teacher_path,
-        "tokenizer_fingerprint": tokenizer_fingerprint(AutoTokenizer.from_pretrained(teacher_path)),
-        "top_k": spec.teacher_pass.top_k,
-        "mode": spec.teacher_pass.mode,
-        "sampling": sampling_params(spec.teacher_pass),
-        "logprobs_mode": "raw_logprobs",
-    })
-    teacher_signals(read_corpus(spec.data), spec.teacher, spec.teacher_pass, teacher_path).write_parquet(str(signals_dir))
-    written = ray.data.read_parquet(str(signals_dir)).select_columns(["split"]).to_pandas()["split"].value_counts()
-    out.update(signals_dir=str(signals_dir), rows=int(written.sum()), train_rows=int(written.get("train", 0)), eval_rows=int(written.get("eval", 0)))
-    print(f"[teacher] wrote {out['rows']} signal rows to {signals_dir}", flush=True)
-
-
 def _first_eval_prompt(signals_dir: Path) -> str:
     import pyarrow.dataset as pads
 
@@ -85,6 +57,7 @@ def run_pipeline(spec: JobSpec, stages: list[str] | None = None) -> dict:
     from raydistill.eval.stage import run_eval_stage
     from raydistill.models import resolve_model
     from raydistill.serving.app import serve_check
+    from raydistill.teacher.stage import run_teacher_stage
 
     stages = list(stages or STAGES)
     run_dir = Path(spec.runtime.run_dir)
@@ -108,7 +81,7 @@ def run_pipeline(spec: JobSpec, stages: list[str] | None = None) -> dict:
         print(f"==> [{name}] starting ({time.strftime('%H:%M:%S')})", flush=True)
         with manifest.stage(name) as out:
             if name == "teacher":
-                _teacher_stage(spec, teacher_path, signals_dir, out)
+                out.update(run_teacher_stage(spec.data, spec.teacher, spec.teacher_pass, teacher_path, str(signals_dir)))
             elif name == "train":
                 out.update(run_train_stage(spec.train, spec.distill, student_path, str(signals_dir), str(run_dir)))
             elif name == "eval":

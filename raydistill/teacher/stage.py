@@ -12,7 +12,7 @@ from typing import Any
 import pyarrow as pa
 
 from raydistill.data.signals import SIGNAL_COLUMNS, SIGNAL_SCHEMA
-from raydistill.spec import TeacherPassSpec, TeacherSpec
+from raydistill.spec import DataSpec, TeacherPassSpec, TeacherSpec
 
 # vLLM on CPU sizes its KV cache from this (GiB); its GPU-memory heuristic fails on CPU hosts.
 DEFAULT_CPU_KV_CACHE_GIB = "1"
@@ -108,3 +108,32 @@ def teacher_signals(prompts, teacher: TeacherSpec, teacher_pass: TeacherPassSpec
     """Lazy Dataset: corpus rows (id, split, prompt) -> signal rows in ``SIGNAL_SCHEMA``."""
     processor = build_teacher_processor(teacher, teacher_pass, model_path)
     return processor(prompts).map_batches(cast_to_signal_schema, batch_format="pyarrow")
+
+
+def run_teacher_stage(data: DataSpec, teacher: TeacherSpec, teacher_pass: TeacherPassSpec, teacher_path: str, signals_dir: str) -> dict:
+    """Write ``signals_dir`` (shards + metadata) for every corpus row; return the stage outputs."""
+    import shutil
+    from pathlib import Path
+
+    import ray.data
+    from transformers import AutoTokenizer
+
+    from raydistill.data.corpus import read_corpus
+    from raydistill.data.signals import tokenizer_fingerprint, write_signal_meta
+
+    if Path(signals_dir).exists():  # an interrupted earlier attempt; its partial shards are not trusted
+        shutil.rmtree(signals_dir)
+    write_signal_meta(signals_dir, {
+        "teacher": teacher.model,
+        "teacher_path": teacher_path,
+        "tokenizer_fingerprint": tokenizer_fingerprint(AutoTokenizer.from_pretrained(teacher_path)),
+        "top_k": teacher_pass.top_k,
+        "mode": teacher_pass.mode,
+        "sampling": sampling_params(teacher_pass),
+        "logprobs_mode": "raw_logprobs",
+    })
+    teacher_signals(read_corpus(data), teacher, teacher_pass, teacher_path).write_parquet(signals_dir)
+    splits = ray.data.read_parquet(signals_dir).select_columns(["split"]).to_pandas()["split"].value_counts()
+    out = {"signals_dir": signals_dir, "rows": int(splits.sum()), "train_rows": int(splits.get("train", 0)), "eval_rows": int(splits.get("eval", 0))}
+    print(f"[teacher] wrote {out['rows']} signal rows ({out['eval_rows']} held out) to {signals_dir}", flush=True)
+    return out

@@ -1,0 +1,81 @@
+"""The signal schema helpers: flattening vLLM log-prob dicts, collation, the split, fingerprints."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from raydistill.data.signals import SIGNAL_SCHEMA, SignalMismatchError, check_tokenizer_matches, collate, stable_split, tokenizer_fingerprint, write_signal_meta
+from raydistill.teacher.stage import cast_to_signal_schema, to_signal_row, topk_from_logprob_dict
+
+
+def _entry(pairs):
+    return {tid: {"logprob": lp, "rank": rank, "decoded_token": "x"} for tid, lp, rank in pairs}
+
+
+def test_topk_drops_the_extra_sampled_token():
+    # vLLM adds the sampled token (id 9, rank 7) beyond the top 3.
+    entry = _entry([(4, -0.5, 1), (9, -4.0, 7), (2, -1.5, 3), (7, -1.0, 2)])
+    ids, lps = topk_from_logprob_dict(entry, 3)
+    assert ids == [4, 7, 2] and lps == [-0.5, -1.0, -1.5]
+
+
+def _vllm_row():
+    return {
+        "id": "a", "split": "train", "prompt": "hi", "generated_text": "yo",
+        "prompt_token_ids": [1, 10, 11],
+        "generated_tokens": [20, 2],
+        "logprobs": [_entry([(20, -0.1, 1), (21, -3.0, 2)]), _entry([(2, -0.2, 1), (5, -2.5, 2)])],
+    }
+
+
+def test_to_signal_row_and_schema():
+    row = to_signal_row(_vllm_row(), 2)
+    assert row["input_ids"] == [1, 10, 11, 20, 2] and row["target_start"] == 3
+    assert len(row["topk_ids"]) == len(row["input_ids"]) - row["target_start"]
+    table = cast_to_signal_schema(pa.Table.from_pylist([row]))
+    assert table.schema == SIGNAL_SCHEMA
+
+
+def test_collate_aligns_logits_with_targets():
+    rows = {
+        "input_ids": [np.array([1, 10, 11, 20, 2]), np.array([1, 12, 30])],
+        "target_start": np.array([3, 2]),
+        "topk_ids": [[[20, 21], [2, 5]], [[30, 31]]],
+        "topk_logprobs": [[[-0.1, -3.0], [-0.2, -2.5]], [[-0.3, -1.0]]],
+    }
+    b = collate(rows, max_seq_len=16, pad_id=0)
+    assert b["input_ids"].shape == (2, 5) and b["attention_mask"].sum() == 8
+    # Targets are the tokens at t >= target_start, predicted from position t - 1.
+    assert b["targets"].tolist() == [20, 2, 30]
+    assert b["pred_pos"].tolist() == [[0, 2], [0, 3], [1, 1]]
+    assert b["topk_ids"][:, 0].tolist() == [20, 2, 30]
+    # Truncation drops targets past max_seq_len.
+    cut = collate(rows, max_seq_len=4, pad_id=0)
+    assert cut["targets"].tolist() == [20, 30]
+
+
+def test_stable_split_is_deterministic_and_proportional():
+    ids = [f"row-{i}" for i in range(4000)]
+    splits = [stable_split(i, 0.2) for i in ids]
+    assert splits == [stable_split(i, 0.2) for i in ids]
+    assert 0.17 < splits.count("eval") / len(ids) < 0.23
+    assert all(stable_split(i, 0.0) == "train" for i in ids[:50])
+
+
+class _Tok:
+    def __init__(self, vocab, bos=1):
+        self._vocab, self.bos_token_id, self.eos_token_id, self.pad_token_id, self.unk_token_id = vocab, bos, 2, 0, 3
+
+    def get_vocab(self):
+        return dict(self._vocab)
+
+
+def test_fingerprint_and_mismatch_refused(tmp_path):
+    a, b = _Tok({"a": 0, "b": 1}), _Tok({"a": 0, "c": 1})
+    assert tokenizer_fingerprint(a) == tokenizer_fingerprint(_Tok({"b": 1, "a": 0}))
+    assert tokenizer_fingerprint(a) != tokenizer_fingerprint(b)
+    assert tokenizer_fingerprint(a) != tokenizer_fingerprint(_Tok({"a": 0, "b": 1}, bos=5))
+    write_signal_meta(tmp_path, {"tokenizer_fingerprint": tokenizer_fingerprint(a)})
+    assert check_tokenizer_matches(tmp_path, a)["tokenizer_fingerprint"] == tokenizer_fingerprint(a)
+    with pytest.raises(SignalMismatchError, match="must use the teacher's tokenizer"):
+        check_tokenizer_matches(tmp_path, b)

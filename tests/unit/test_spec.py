@@ -1,0 +1,136 @@
+"""JobSpec loading, overrides and error reporting."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raydistill.cli import main
+from raydistill.spec import JobSpec, SpecError, dump_spec, load_spec
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def _write(tmp_path, spec: dict) -> Path:
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _minimal(tmp_path) -> dict:
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"prompt": "hi"}\n')
+    return {
+        "teacher": {"model": "tiny:teacher"},
+        "student": {"model": "tiny:student"},
+        "data": {"path": str(corpus)},
+        "runtime": {"run_dir": str(tmp_path / "run")},
+    }
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_validate(config, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    spec = load_spec(config)
+    assert isinstance(spec, JobSpec)
+
+
+def test_defaults_and_public_keys(tmp_path):
+    spec = load_spec(_write(tmp_path, _minimal(tmp_path)))
+    assert spec.serve.host == "127.0.0.1" and spec.serve.port == 8000
+    assert spec.train.zero_stage == 2 and spec.train.workers == 2
+    assert spec.teacher_pass.mode == "generate" and spec.distill.loss == "forward_kl"
+    assert spec.data.prompt_field == "prompt"
+
+
+def test_three_independent_mistakes_reported_at_once(tmp_path):
+    raw = _minimal(tmp_path)
+    raw["train"] = {"zero_stage": 4}
+    raw["teacher_pass"] = {"top_k": 0}
+    raw["serve"] = {"port": "http"}
+    with pytest.raises(SpecError) as err:
+        load_spec(_write(tmp_path, raw))
+    text = "\n".join(err.value.errors)
+    assert len(err.value.errors) == 3, text
+    assert "train.zero_stage: 4" in text
+    assert "teacher_pass.top_k: 0" in text
+    assert "serve.port: 'http'" in text
+
+
+def test_unknown_and_missing_keys(tmp_path):
+    raw = _minimal(tmp_path)
+    del raw["runtime"]
+    raw["trian"] = {"workers": 1}
+    with pytest.raises(SpecError) as err:
+        load_spec(_write(tmp_path, raw))
+    assert sorted(e.split(":")[0] for e in err.value.errors) == ["runtime", "trian"]
+
+
+def test_missing_paths_named(tmp_path):
+    raw = _minimal(tmp_path)
+    raw["data"]["path"] = str(tmp_path / "absent.jsonl")
+    raw["student"]["model"] = str(tmp_path / "no-model")
+    with pytest.raises(SpecError) as err:
+        load_spec(_write(tmp_path, raw))
+    keys = sorted(e.split(":")[0] for e in err.value.errors)
+    assert keys == ["data.path", "student.model"]
+
+
+def test_set_overrides_are_typed(tmp_path):
+    path = _write(tmp_path, _minimal(tmp_path))
+    spec = load_spec(path, ["train.workers=1", "train.lr=0.5", "eval.enabled=false", "teacher.engine_args.max_model_len=256"])
+    assert spec.train.workers == 1 and spec.train.lr == 0.5 and spec.eval.enabled is False
+    assert spec.teacher.engine_args == {"max_model_len": 256}
+    with pytest.raises(SpecError, match="train.workers"):
+        load_spec(path, ["train.workers=zero"])
+    with pytest.raises(SpecError, match="expected dotted.key=value"):
+        load_spec(path, ["train.workers"])
+
+
+def test_relative_paths_resolve_against_cwd(tmp_path, monkeypatch):
+    raw = _minimal(tmp_path)
+    raw["data"]["path"] = "c.jsonl"
+    raw["runtime"]["run_dir"] = "runs/x"
+    monkeypatch.chdir(tmp_path)
+    spec = load_spec(_write(tmp_path, raw))
+    assert spec.data.path == str(tmp_path / "c.jsonl")
+    assert spec.runtime.run_dir == str(tmp_path / "runs" / "x")
+
+
+def test_resolved_spec_round_trips(tmp_path):
+    spec = load_spec(_write(tmp_path, _minimal(tmp_path)), ["train.max_steps=3"])
+    again = JobSpec.model_validate(yaml.safe_load(dump_spec(spec)))
+    assert again == spec
+
+
+def test_every_field_is_documented():
+    def walk(model, prefix=""):
+        for name, field in model.model_fields.items():
+            assert field.description, f"{prefix}{name} has no description"
+            sub = field.annotation
+            if isinstance(sub, type) and hasattr(sub, "model_fields"):
+                walk(sub, f"{prefix}{name}.")
+
+    walk(JobSpec)
+
+
+def test_bad_yaml_and_not_a_mapping(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("teacher: [unclosed\n")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(p)
+    p.write_text("- a\n- b\n")
+    with pytest.raises(SpecError, match="expected a mapping"):
+        load_spec(p)
+
+
+def test_cli_validate_exit_codes(tmp_path, capsys):
+    good = _write(tmp_path, _minimal(tmp_path))
+    assert main(["validate", str(good)]) == 0
+    assert main(["validate", str(good), "--set", "train.zero_stage=4", "--set", "teacher_pass.top_k=-1", "--set", "serve.port=0"]) == 2
+    err = capsys.readouterr().err
+    assert "3 problem(s)" in err
+    for key in ("train.zero_stage: 4", "teacher_pass.top_k: -1", "serve.port: 0"):
+        assert key in err
+    assert "Traceback" not in err
