@@ -1,0 +1,109 @@
+"""Each stage on a local Ray with the tiny models and the real vLLM, DeepSpeed and Serve."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+import torch
+
+from raydistill.data.signals import SIGNAL_SCHEMA, read_signal_meta, tokenizer_fingerprint
+
+pytestmark = pytest.mark.integration
+
+
+def _signals(signals_dir):
+    return pads.dataset(signals_dir, format="parquet").to_table()
+
+
+def _corpus_rows(spec):
+    return [json.loads(line) for line in Path(spec.data.path).read_text().splitlines() if line.strip()]
+
+
+def test_teacher_stage_writes_one_exact_row_per_prompt(teacher_run, tiny_spec, model_paths):
+    from transformers import AutoTokenizer
+
+    table = _signals(teacher_run["signals_dir"])
+    assert table.schema.remove_metadata() == SIGNAL_SCHEMA
+    corpus = {r["id"]: r["prompt"] for r in _corpus_rows(tiny_spec)}
+    ids = table["id"].to_pylist()
+    assert sorted(ids) == sorted(corpus) and teacher_run["rows"] == len(corpus)
+
+    tok = AutoTokenizer.from_pretrained(model_paths[0])
+    k = tiny_spec.teacher_pass.top_k
+    for row in table.to_pylist():
+        start = row["target_start"]
+        # The prompt ids are the teacher tokenizer's own encoding of the prompt text (BOS first).
+        assert row["input_ids"][:start] == tok(corpus[row["id"]]).input_ids
+        assert row["input_ids"][0] == tok.bos_token_id
+        n_targets = len(row["input_ids"]) - start
+        assert 1 <= n_targets <= tiny_spec.teacher_pass.sampling.max_tokens
+        assert len(row["topk_ids"]) == len(row["topk_logprobs"]) == n_targets
+        for ids_t, lps_t in zip(row["topk_ids"], row["topk_logprobs"]):
+            assert len(ids_t) == len(lps_t) == k and len(set(ids_t)) == k
+            assert lps_t == sorted(lps_t, reverse=True)
+            tail = 1.0 - float(np.exp(np.asarray(lps_t, dtype=np.float64)).sum())
+            assert -1e-5 <= tail <= 1.0
+
+    meta = read_signal_meta(teacher_run["signals_dir"])
+    assert meta["top_k"] == k and meta["mode"] == "generate"
+    assert meta["tokenizer_fingerprint"] == tokenizer_fingerprint(tok)
+
+
+def test_teacher_logprobs_agree_with_transformers(teacher_run, model_paths):
+    """vLLM's stored log-probs equal the teacher's own transformers log-probs at the same positions."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_paths[0], dtype=torch.float32).eval()
+    rows = _signals(teacher_run["signals_dir"]).to_pylist()[:4]
+    for row in rows:
+        start = row["target_start"]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([row["input_ids"]])).logits[0].double(), -1)
+        for j, (ids_t, lps_t) in enumerate(zip(row["topk_ids"], row["topk_logprobs"])):
+            ref = logp[start + j - 1, ids_t].numpy()
+            np.testing.assert_allclose(lps_t, ref, atol=2e-3)
+
+
+def test_train_stage_exports_loadable_student(train_run, tiny_spec, model_paths):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    student_dir = Path(train_run["student_dir"])
+    assert (student_dir / "config.json").exists() and (student_dir / "model.safetensors").exists()
+    assert (student_dir / "tokenizer.json").exists()
+    trained = AutoModelForCausalLM.from_pretrained(student_dir)
+    initial = AutoModelForCausalLM.from_pretrained(model_paths[1])
+    changed = [n for n, p in trained.state_dict().items() if not torch.equal(p, initial.state_dict()[n])]
+    assert changed, "training did not change any weight"
+    tok = AutoTokenizer.from_pretrained(student_dir)
+    assert tok("the river").input_ids == AutoTokenizer.from_pretrained(model_paths[0])("the river").input_ids
+
+    metrics = [json.loads(l) for l in Path(train_run["metrics"]).read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 7))
+    for m in metrics:
+        assert math.isfinite(m["loss"]) and m["kd"] >= 0 and m["ce"] > 0
+        assert m["loss"] == pytest.approx((1 - tiny_spec.distill.ce_weight) * m["kd"] + tiny_spec.distill.ce_weight * m["ce"], rel=1e-4)
+    ds_config = json.loads((Path(tiny_spec.runtime.run_dir) / "train" / "deepspeed.json").read_text())
+    assert ds_config["zero_optimization"]["stage"] == 2
+
+
+def test_eval_stage_scores_student_and_teacher(train_run, tiny_spec, model_paths, teacher_run):
+    from raydistill.eval.stage import run_eval_stage
+
+    out = run_eval_stage(tiny_spec.eval, tiny_spec.train.max_seq_len, train_run["student_dir"], model_paths[0], teacher_run["signals_dir"], tiny_spec.runtime.run_dir)
+    report = json.loads(Path(out["report"]).read_text())
+    assert report["eval_sequences"] == teacher_run["eval_rows"] > 0
+    # The teacher sampled these responses itself, so it must explain them better than a barely trained student.
+    assert report["teacher"]["nll"] < report["student"]["nll"]
+    assert report["kl_to_teacher"] > 0 and 0 <= report["top1_agreement"] <= 1
+
+
+def test_serve_check_answers_a_completion(train_run, tiny_spec, free_port):
+    from raydistill.serving.app import serve_check
+
+    serve = tiny_spec.serve.model_copy(update={"port": free_port})
+    out = serve_check(train_run["student_dir"], "tiny-student", serve, "Describe the quiet forest.")
+    assert out["model"] == "tiny-student" and isinstance(out["answer"], str) and out["answer"]
+    assert out["usage"]["completion_tokens"] >= 1
