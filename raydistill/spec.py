@@ -94,7 +94,27 @@ class TeacherPassSpec(_Section):
 
 
 class DistillSpec(_Section):
-    loss: Literal["forward_kl"] = Field("forward_kl", description="The KD divergence, computed over the teacher's top-k plus a tail bucket.")
+    loss: Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"] = Field(
+        "forward_kl",
+        description=(
+            "The KD divergence between teacher p and student q, computed over the teacher's top-k plus a tail bucket: "
+            "'forward_kl' KL(p||q), 'reverse_kl' KL(q||p), 'jsd' generalized JSD (see jsd_beta), "
+            "'skew_forward_kl' KL(p || a*p + (1-a)*q) and 'skew_reverse_kl' KL(q || a*q + (1-a)*p) (DistiLLM; see skew_alpha), "
+            "'tvd' total variation distance."
+        ),
+    )
+    jsd_beta: float = Field(
+        0.5,
+        gt=0.0,
+        lt=1.0,
+        description="Weight beta of the 'jsd' loss: m = beta*p + (1-beta)*q, JSD = beta*KL(p||m) + (1-beta)*KL(q||m); 0.5 is the symmetric JSD.",
+    )
+    skew_alpha: float = Field(
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="Skew alpha of the 'skew_forward_kl' and 'skew_reverse_kl' losses: how much of the loss's first argument is mixed into the second; 0 gives plain forward or reverse KL.",
+    )
     ce_weight: float = Field(
         0.1,
         ge=0.0,

@@ -14,11 +14,20 @@ top-k log-probs are divided by T and renormalized *within the top-k*, keeping th
 mass unchanged. At T=1 this is the exact stored distribution. The KD term is multiplied by T**2
 (Hinton et al.) so its gradient scale does not shrink as T grows.
 
+Every KD loss has the signature ``fn(logits [N, V], topk_ids [N, K] int64, topk_logprobs [N, K],
+temperature=1.0, **params) -> [N] float32``; ``params`` are the loss's own keyword-only settings
+(``beta`` for ``jsd``, ``alpha`` for the skew KLs), and ``loss_params`` picks them from a
+``DistillSpec``. Each returns values >= 0 (tiny negative rounding is clamped), already scaled by
+T**2.
+
 These functions return per-token losses; the one normalization (mean over the target tokens of
 the global batch) happens in ``raydistill.distill.train`` where the global count is known.
 """
 
 from __future__ import annotations
+
+import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -71,12 +80,142 @@ def forward_kl(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torc
     return kl.clamp_min(0.0) * temperature**2
 
 
+def _folded(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, temperature: float):
+    """Both folded distributions: ([N, K+1] teacher probs p, its log-probs, student log-probs log q).
+
+    The teacher's log-probs are floored like the student's tail: a zero teacher tail (K == V, or
+    a top-k holding all the mass to float32 precision) would otherwise put log 0 = -inf into
+    every term where the student's mass multiplies log p (reverse KL, mixtures). A floored
+    outcome with p = 0 still contributes exactly 0 wherever p multiplies it.
+    """
+    p = _folded_teacher(topk_logprobs, temperature)
+    log_p = p.log().clamp_min(_MIN_TAIL_LOGPROB)
+    log_q = _folded_student_logprobs(logits, topk_ids, temperature)
+    return p, log_p, log_q
+
+
+def _kl(a: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """[N, K+1] probs a and log-probs of a, b -> [N] KL(a || b). Outcomes with a = 0 add 0."""
+    return (a * (log_a - log_b)).sum(-1)
+
+
+def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, w: float) -> torch.Tensor:
+    """log(w * a + (1 - w) * b) in log space, so a mixture of tiny masses never underflows to log 0."""
+    if w == 0.0:
+        return log_b
+    if w == 1.0:
+        return log_a
+    return torch.logaddexp(log_a + math.log(w), log_b + math.log1p(-w))
+
+
+def _check_weight(name: str, value: float, *, low_closed: bool) -> None:
+    ok = (0.0 <= value < 1.0) if low_closed else (0.0 < value < 1.0)
+    if not ok:
+        interval = "[0, 1)" if low_closed else "(0, 1)"
+        raise ValueError(f"{name} must be in {interval}, got {value}")
+
+
+def reverse_kl(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(student || teacher) per token over (top-k, tail): mode-seeking.
+
+    logits: [N, V] student logits. topk_ids: [N, K] int64. topk_logprobs: [N, K] teacher log-probs.
+    Returns [N] float32, each >= 0. Where the teacher's tail is empty, student tail mass is
+    charged against the floored log-prob (-100), a strong but finite penalty.
+    """
+    p, log_p, log_q = _folded(logits, topk_ids, topk_logprobs, temperature)
+    kl = _kl(log_q.exp(), log_q, log_p)
+    return kl.clamp_min(0.0) * temperature**2
+
+
+def jsd(
+    logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, temperature: float = 1.0, *, beta: float = 0.5
+) -> torch.Tensor:
+    """Generalized Jensen-Shannon divergence per token over (top-k, tail).
+
+    With teacher p, student q and mixture m = beta * p + (1 - beta) * q:
+    JSD_beta = beta * KL(p || m) + (1 - beta) * KL(q || m). beta = 0.5 is the symmetric JSD,
+    bounded by log 2 (before the T**2 factor). This is the convention of TRL's GKD
+    ``generalized_jsd_loss``. beta must be in (0, 1): at either end the formula is identically 0;
+    use ``forward_kl`` or ``reverse_kl`` for those limits.
+
+    logits: [N, V] student logits. topk_ids: [N, K] int64. topk_logprobs: [N, K] teacher log-probs.
+    Returns [N] float32, each >= 0.
+    """
+    _check_weight("beta", beta, low_closed=False)
+    p, log_p, log_q = _folded(logits, topk_ids, topk_logprobs, temperature)
+    log_m = _log_mix(log_p, log_q, beta)
+    value = beta * _kl(p, log_p, log_m) + (1.0 - beta) * _kl(log_q.exp(), log_q, log_m)
+    return value.clamp_min(0.0) * temperature**2
+
+
+def skew_forward_kl(
+    logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, temperature: float = 1.0, *, alpha: float = 0.1
+) -> torch.Tensor:
+    """Skew KL (DistiLLM, Ko et al. 2024) per token over (top-k, tail): KL(p || alpha * p + (1 - alpha) * q).
+
+    p is the teacher, q the student. alpha in [0, 1); alpha = 0 is ``forward_kl``. Mixing in the
+    teacher keeps the target's denominator away from 0, which bounds the loss by log(1 / alpha)
+    and its gradients where the student puts almost no mass on a teacher token.
+
+    logits: [N, V] student logits. topk_ids: [N, K] int64. topk_logprobs: [N, K] teacher log-probs.
+    Returns [N] float32, each >= 0.
+    """
+    _check_weight("alpha", alpha, low_closed=True)
+    p, log_p, log_q = _folded(logits, topk_ids, topk_logprobs, temperature)
+    kl = _kl(p, log_p, _log_mix(log_p, log_q, alpha))
+    return kl.clamp_min(0.0) * temperature**2
+
+
+def skew_reverse_kl(
+    logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, temperature: float = 1.0, *, alpha: float = 0.1
+) -> torch.Tensor:
+    """Skew reverse KL (DistiLLM) per token over (top-k, tail): KL(q || alpha * q + (1 - alpha) * p).
+
+    p is the teacher, q the student. alpha in [0, 1); alpha = 0 is ``reverse_kl``. For alpha > 0
+    the loss is bounded by log(1 / alpha) even where the teacher's tail is empty.
+
+    logits: [N, V] student logits. topk_ids: [N, K] int64. topk_logprobs: [N, K] teacher log-probs.
+    Returns [N] float32, each >= 0.
+    """
+    _check_weight("alpha", alpha, low_closed=True)
+    p, log_p, log_q = _folded(logits, topk_ids, topk_logprobs, temperature)
+    kl = _kl(log_q.exp(), log_q, _log_mix(log_q, log_p, alpha))
+    return kl.clamp_min(0.0) * temperature**2
+
+
+def tvd(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Total variation distance per token over (top-k, tail): 0.5 * sum |p - q|, in [0, 1] before T**2.
+
+    logits: [N, V] student logits. topk_ids: [N, K] int64. topk_logprobs: [N, K] teacher log-probs.
+    Returns [N] float32, each >= 0.
+    """
+    p, _, log_q = _folded(logits, topk_ids, topk_logprobs, temperature)
+    value = 0.5 * (p - log_q.exp()).abs().sum(-1)
+    return value.clamp_min(0.0) * temperature**2
+
+
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """[N, V] logits, [N] target ids -> [N] token NLL (float32)."""
     return F.cross_entropy(logits.float(), targets, reduction="none")
 
 
-LOSSES = {"forward_kl": forward_kl}
+LOSSES = {
+    "forward_kl": forward_kl,
+    "reverse_kl": reverse_kl,
+    "jsd": jsd,
+    "skew_forward_kl": skew_forward_kl,
+    "skew_reverse_kl": skew_reverse_kl,
+    "tvd": tvd,
+}
+
+
+def loss_params(distill: Any) -> dict[str, float]:
+    """The keyword settings of ``distill.loss`` taken from a ``DistillSpec`` (or anything with its fields)."""
+    if distill.loss == "jsd":
+        return {"beta": distill.jsd_beta}
+    if distill.loss in ("skew_forward_kl", "skew_reverse_kl"):
+        return {"alpha": distill.skew_alpha}
+    return {}
 
 
 def distill_token_losses(
@@ -87,9 +226,13 @@ def distill_token_losses(
     loss: str = "forward_kl",
     ce_weight: float = 0.0,
     temperature: float = 1.0,
+    loss_params: dict[str, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token (total, kd, ce), each [N]: total = (1 - ce_weight) * kd + ce_weight * ce."""
-    kd = LOSSES[loss](logits, topk_ids, topk_logprobs, temperature)
+    """Per-token (total, kd, ce), each [N]: total = (1 - ce_weight) * kd + ce_weight * ce.
+
+    ``loss_params`` are keyword settings of the chosen loss (e.g. ``{"beta": 0.5}`` for ``jsd``).
+    """
+    kd = LOSSES[loss](logits, topk_ids, topk_logprobs, temperature, **(loss_params or {}))
     ce = cross_entropy(logits, targets)
     return (1.0 - ce_weight) * kd + ce_weight * ce, kd, ce
 
@@ -104,16 +247,18 @@ def chunked_distill_loss_sums(
     ce_weight: float = 0.0,
     temperature: float = 1.0,
     chunk_tokens: int = 1024,
+    loss_params: dict[str, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sums over tokens of (total, kd, ce), computing logits ``chunk_tokens`` rows at a time.
 
     hidden: [N, H] final hidden states at the positions that predict ``targets`` [N].
     Each chunk's [chunk, V] logits are recomputed in backward (activation checkpointing) rather
     than kept, so loss memory stays O(chunk * V) instead of O(N * V) at large vocabularies.
+    ``loss_params`` are passed to the loss as in ``distill_token_losses``.
     """
 
     def chunk_sums(h, t, ids, lp):
-        total, kd, ce = distill_token_losses(lm_head(h), t, ids, lp, loss, ce_weight, temperature)
+        total, kd, ce = distill_token_losses(lm_head(h), t, ids, lp, loss, ce_weight, temperature, loss_params)
         return total.sum(), kd.sum(), ce.sum()
 
     sums = [hidden.new_zeros((), dtype=torch.float32) for _ in range(3)]

@@ -89,7 +89,7 @@ def train_loop_per_worker(config: dict) -> None:
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from raydistill.distill.losses import chunked_distill_loss_sums
+    from raydistill.distill.losses import chunked_distill_loss_sums, loss_params
 
     inputs: TrainInputs = config["inputs"]
     train, distill = inputs.train, inputs.distill
@@ -133,6 +133,7 @@ def train_loop_per_worker(config: dict) -> None:
                 loss=distill.loss,
                 ce_weight=distill.ce_weight,
                 temperature=distill.temperature,
+                loss_params=loss_params(distill),
             )
             engine.backward(total * scale)
             engine.step()

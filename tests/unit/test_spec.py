@@ -134,3 +134,13 @@ def test_cli_validate_exit_codes(tmp_path, capsys):
     for key in ("train.zero_stage: 4", "teacher_pass.top_k: -1", "serve.port: 0"):
         assert key in err
     assert "Traceback" not in err
+
+
+def test_jsd_beta_out_of_range_rejected(tmp_path):
+    raw = _minimal(tmp_path)
+    raw["distill"] = {"loss": "jsd", "jsd_beta": 1.5}
+    with pytest.raises(SpecError) as err:
+        load_spec(_write(tmp_path, raw))
+    assert len(err.value.errors) == 1 and err.value.errors[0].startswith("distill.jsd_beta: 1.5"), err.value.errors
+    raw["distill"] = {"loss": "skew_reverse_kl", "skew_alpha": 0.0}
+    assert load_spec(_write(tmp_path, raw)).distill.skew_alpha == 0.0
