@@ -1,13 +1,17 @@
-"""The ``raydistill`` command line: validate, run, serve."""
+"""The ``raydistill`` command line: validate, run, serve, and submit · status · logs · stop · list on a cluster."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
+import yaml
+
+from raydistill.jobs import submit as jobs
 from raydistill.jobs.manifest import STAGES
-from raydistill.spec import ServeSpec, SpecError, apply_overrides, format_validation_error, load_spec
+from raydistill.spec import JobSpec, ServeSpec, SpecError, apply_overrides, format_validation_error, load_spec, spec_from_dict
 
 
 def _print_errors(err: SpecError) -> int:
@@ -33,10 +37,26 @@ def _parse_stages(text: str | None) -> list[str]:
     return stages
 
 
+def _run_spec(args) -> JobSpec:
+    """The spec for ``run``: a file, or YAML in an environment variable (how ``submit`` ships it to a cluster)."""
+    if bool(args.spec) == bool(args.spec_from_env):
+        raise SpecError(["run: give either a SPEC file or --spec-from-env NAME"])
+    if args.spec:
+        return load_spec(args.spec, args.set)
+    text = os.environ.get(args.spec_from_env)
+    if text is None:
+        raise SpecError([f"--spec-from-env {args.spec_from_env}: the environment variable is not set"])
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise SpecError([f"--spec-from-env {args.spec_from_env}: not valid YAML: {err}"]) from None
+    return spec_from_dict(apply_overrides(raw, args.set) if isinstance(raw, dict) else raw)
+
+
 def cmd_run(args) -> int:
     from raydistill.jobs.pipeline import run_pipeline
 
-    spec = load_spec(args.spec, args.set)
+    spec = _run_spec(args)
     stages = _parse_stages(args.stages)
     manifest = run_pipeline(spec, stages)
     run_dir = Path(spec.runtime.run_dir)
@@ -94,6 +114,73 @@ def cmd_serve(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- cluster commands
+
+
+def cmd_submit(args) -> int:
+    submission = jobs.prepare_submission(args.spec, args.set)
+    for note in submission.notes:
+        print(f"note: {note}", file=sys.stderr)
+    client, token = jobs.connect(args.address)
+    with jobs.explain_cluster_errors(args.address, token):
+        job_id = jobs.submit(client, submission)
+    print(job_id, flush=True)
+    print(f"Submitted to {args.address}; run_dir {submission.spec.runtime.run_dir}", file=sys.stderr)
+    if not args.follow:
+        print(f"Follow it with:  raydistill logs {job_id} --follow --address {args.address}", file=sys.stderr)
+        return 0
+    return _follow(args.address, client, token, job_id)
+
+
+def _follow(address: str, client, token, job_id: str) -> int:
+    try:
+        with jobs.explain_cluster_errors(address, token):
+            status = jobs.follow(client, job_id)
+    except KeyboardInterrupt:
+        print(f"\nStopped following. Job {job_id} keeps running; stop it with: raydistill stop {job_id}", file=sys.stderr)
+        return 130
+    print(f"\n==> job {job_id}: {status}", file=sys.stderr)
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def cmd_status(args) -> int:
+    client, token = jobs.connect(args.address)
+    with jobs.explain_cluster_errors(args.address, token):
+        info = client.get_job_info(args.job_id)
+    print(f"{args.job_id}: {info.status.value}")
+    if info.message:
+        print(f"  {info.message}")
+    return 0
+
+
+def cmd_logs(args) -> int:
+    client, token = jobs.connect(args.address)
+    if args.follow:
+        return _follow(args.address, client, token, args.job_id)
+    with jobs.explain_cluster_errors(args.address, token):
+        sys.stdout.write(client.get_job_logs(args.job_id))
+    return 0
+
+
+def cmd_stop(args) -> int:
+    client, token = jobs.connect(args.address)
+    with jobs.explain_cluster_errors(args.address, token):
+        if not client.stop_job(args.job_id):
+            print(f"{args.job_id}: not running ({client.get_job_status(args.job_id).value})")
+            return 0
+        # Ray stops the job asynchronously (SIGTERM, then SIGKILL); wait so the user sees the outcome.
+        status = jobs.wait_for_terminal(client, args.job_id, timeout_s=args.timeout)
+    print(f"{args.job_id}: {status}")
+    return 0 if status in jobs.TERMINAL_STATUSES else 1
+
+
+def cmd_list(args) -> int:
+    client, token = jobs.connect(args.address)
+    with jobs.explain_cluster_errors(args.address, token):
+        print(jobs.format_job_table(client.list_jobs()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raydistill", description="Distill LLMs on Ray: teacher pass, KD training, eval, serving.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -107,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_validate)
 
     p = with_set(sub.add_parser("run", help="run the job on a local Ray (or runtime.ray_address)"))
-    p.add_argument("spec")
+    p.add_argument("spec", nargs="?", help="the job spec (YAML)")
+    p.add_argument("--spec-from-env", metavar="NAME", help="read the spec's YAML from this environment variable instead (used by submit)")
     p.add_argument("--stages", help=f"comma-separated subset of {','.join(STAGES)}")
     p.set_defaults(func=cmd_run)
 
@@ -115,6 +203,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="a student directory or a run directory")
     p.add_argument("--num-cpus", type=int, default=8, help="logical CPUs for the local Ray")
     p.set_defaults(func=cmd_serve)
+
+    def with_address(p):
+        text = f"the cluster's Jobs API (dashboard) address; default $RAY_ADDRESS, else {jobs.DEFAULT_ADDRESS}"
+        p.add_argument("--address", default=jobs.default_address(), help=text)
+        return p
+
+    p = with_address(with_set(sub.add_parser("submit", help="submit the job to a Ray cluster as a Ray Job")))
+    p.add_argument("spec")
+    p.add_argument("--follow", action="store_true", help="stream the logs; exit 0 only if the job succeeds")
+    p.set_defaults(func=cmd_submit)
+
+    p = with_address(sub.add_parser("status", help="a submitted job's status"))
+    p.add_argument("job_id")
+    p.set_defaults(func=cmd_status)
+
+    p = with_address(sub.add_parser("logs", help="a submitted job's logs"))
+    p.add_argument("job_id")
+    p.add_argument("--follow", action="store_true", help="stream until the job ends; exit 0 only if it succeeds")
+    p.set_defaults(func=cmd_logs)
+
+    p = with_address(sub.add_parser("stop", help="stop a submitted job and wait until it has stopped"))
+    p.add_argument("job_id")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the job to stop")
+    p.set_defaults(func=cmd_stop)
+
+    p = with_address(sub.add_parser("list", help="the jobs submitted to the cluster"))
+    p.set_defaults(func=cmd_list)
     return parser
 
 
@@ -124,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except SpecError as err:
         return _print_errors(err)
+    except jobs.ClusterError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

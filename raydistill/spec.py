@@ -157,6 +157,30 @@ class RuntimeSpec(_Section):
         ge=1,
         description="Logical CPUs for a local Ray. More than the physical cores is intended: Serve, Data and Train actors each reserve one.",
     )
+    shared_storage: bool = Field(
+        False,
+        description=(
+            "Declare that the local paths in this spec (run_dir, data.path, model directories) are on storage that every "
+            "node of the cluster mounts at the same path, such as NFS. `raydistill submit` refuses local paths without it, "
+            "because teacher actors and train workers on other nodes read the corpus and write signals and checkpoints there."
+        ),
+    )
+    job_working_dir: str | None = Field(
+        None,
+        description=(
+            "`raydistill submit` only: a local directory (or a zip URI such as s3://bucket/code.zip) that Ray uploads and "
+            "makes the job's working directory (runtime_env working_dir). Relative data and model paths in the spec are "
+            "then relative to it, on your machine and on the cluster."
+        ),
+    )
+    job_pip: list[str] = Field(
+        default_factory=list,
+        description="`raydistill submit` only: pip requirements Ray installs for the job on the cluster (runtime_env pip), e.g. ['raydistill==0.1.0'] when the cluster image lacks it.",
+    )
+    job_env_vars: dict[str, str] = Field(
+        default_factory=dict,
+        description="`raydistill submit` only: environment variables for the job's driver, tasks and actors (runtime_env env_vars), e.g. HF_HOME or AWS_REGION.",
+    )
 
 
 class JobSpec(_Section):
