@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 BUILTIN_PREFIX = "tiny:"
-TINY_VERSION = "v1"
+TINY_VERSION = "v2"
 
 # vLLM's CPU attention rejects head_dim 16, so heads are 64 wide (hidden 128, 2 heads).
 _TINY_SHAPES = {
@@ -75,7 +75,17 @@ def build_tiny_tokenizer():
     # Like Llama, the tokenizer itself prepends BOS, so vLLM and transformers agree on ids.
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))])
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>", model_max_length=TINY_MAX_POSITIONS
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        model_max_length=TINY_MAX_POSITIONS,
+        # A plain role-prefixed template, so chat (`messages`) corpora work with the tiny models.
+        chat_template=(
+            "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}assistant: {% endif %}"
+        ),
     )
 
 

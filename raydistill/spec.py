@@ -42,14 +42,36 @@ def _model_ref_exists(value: str) -> str:
 ModelRef = Annotated[str, AfterValidator(_model_ref_exists)]
 
 
+class ReplicasSpec(_Section):
+    min: int = Field(1, ge=1, description="Teacher engine actors kept running.")
+    max: int = Field(1, ge=1, description="Most teacher engine actors Ray Data's autoscaling pool may start when a backlog builds.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "ReplicasSpec":
+        if self.max < self.min:
+            raise ValueError(f"max ({self.max}) is below min ({self.min})")
+        return self
+
+
 class TeacherSpec(_Section):
     model: ModelRef = Field(description="The teacher: a local Hugging Face model directory, or a builtin reference such as 'tiny:teacher'.")
     engine_args: dict[str, Any] = Field(
         default_factory=dict,
-        description="Extra vLLM engine arguments passed through unchanged (e.g. max_model_len, dtype, enforce_eager).",
+        description=(
+            "vLLM engine arguments passed through unchanged: tensor_parallel_size, max_num_batched_tokens, "
+            "gpu_memory_utilization, dtype, max_model_len, max_logprobs, enforce_eager, ..."
+        ),
     )
-    replicas: int = Field(1, ge=1, description="Number of vLLM teacher engine actors in the Ray Data pool.")
+    replicas: ReplicasSpec = Field(default_factory=ReplicasSpec, description="Size of the autoscaled pool of vLLM engine actors; an integer means min = max.")
     batch_size: int = Field(16, ge=1, description="Prompts sent to one teacher engine per Ray Data batch.")
+    use_gpu: bool = Field(False, description="Place each engine on GPUs (tensor_parallel_size of them) instead of one CPU bundle.")
+    accelerator_type: str | None = Field(None, description="Ray accelerator type for the engines on a cluster, e.g. 'H100' or 'A10G'.")
+    cpu_kv_cache_gib: int = Field(1, ge=1, description="KV cache per engine in GiB when vLLM runs on CPU (VLLM_CPU_KVCACHE_SPACE).")
+
+    @field_validator("replicas", mode="before")
+    @classmethod
+    def _int_replicas(cls, v: Any) -> Any:
+        return {"min": v, "max": v} if isinstance(v, int) and not isinstance(v, bool) else v
 
 
 class StudentSpec(_Section):
@@ -57,13 +79,31 @@ class StudentSpec(_Section):
 
 
 class DataSpec(_Section):
-    path: str = Field(description="The prompt corpus: a local JSONL file, one JSON object per line.")
-    format: Literal["jsonl"] = Field("jsonl", description="Corpus format.")
-    prompt_field: str = Field("prompt", min_length=1, description="Key of the prompt text in each corpus row.")
+    path: str = Field(
+        description=(
+            "The corpus: a file, a directory, a glob, or a list of them separated by commas; "
+            "local paths or object-store URIs (s3://, gs://) read through pyarrow filesystems."
+        )
+    )
+    format: Literal["jsonl", "parquet", "text", "text_files"] = Field(
+        "jsonl",
+        description="'jsonl' and 'parquet': one row per record; 'text': one document per line; 'text_files': one document per file.",
+    )
+    prompt_field: str = Field("prompt", min_length=1, description="Key of the prompt text in each jsonl/parquet row.")
+    messages_field: str = Field(
+        "messages",
+        min_length=1,
+        description="Key of a chat conversation ([{role, content}, ...]) used when a row has no prompt; rendered with the teacher's chat template.",
+    )
+    response_field: str = Field(
+        "response",
+        min_length=1,
+        description="Key of a given response; in score mode the teacher is teacher-forced over prompt + response.",
+    )
     id_field: str = Field(
         "id",
         min_length=1,
-        description="Key of a stable row id. Rows without it get an id derived from a hash of the prompt text.",
+        description="Key of a stable row id. Rows without it get an id from their source location (file and line).",
     )
     eval_fraction: float = Field(
         0.1,
@@ -71,12 +111,27 @@ class DataSpec(_Section):
         lt=1.0,
         description="Share of rows held out for evaluation, chosen by a hash of the row id so the split is stable across runs.",
     )
+    max_prompt_tokens: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Rows whose prompt (score mode: whole text) has more tokens are rejected. Unset: the teacher's "
+            "max_model_len minus the generated tokens. Bounds vLLM's transient prompt-logprob buffer."
+        ),
+    )
+    on_bad_row: Literal["reject", "fail"] = Field(
+        "reject",
+        description="'reject': bad rows go to signals/_rejected.jsonl with a reason and the job goes on; 'fail': stop before the teacher starts and list them.",
+    )
 
     @field_validator("path")
     @classmethod
     def _path_exists(cls, v: str) -> str:
-        if "://" not in v and not Path(v).is_file():
-            raise ValueError(f"corpus file {v!r} does not exist")
+        import glob
+
+        for part in (p.strip() for p in v.split(",")):
+            if "://" not in part and not Path(part).exists() and not glob.glob(part):
+                raise ValueError(f"corpus path {part!r} does not exist")
         return v
 
 
@@ -84,13 +139,27 @@ class SamplingSpec(_Section):
     max_tokens: int = Field(64, ge=1, description="Maximum tokens the teacher generates per prompt.")
     temperature: float = Field(1.0, ge=0.0, description="Teacher sampling temperature; 0 is greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Teacher nucleus sampling threshold.")
+    n: int = Field(1, ge=1, le=64, description="Responses sampled per prompt; each becomes its own signal row with id '<id>#<i>'.")
+    stop: list[str] = Field(default_factory=list, description="Strings that end a response (not included in it).")
     seed: int | None = Field(0, description="Sampling seed, so a re-run reproduces the same responses.")
 
 
 class TeacherPassSpec(_Section):
-    mode: Literal["generate"] = Field("generate", description="'generate': the teacher writes a response to each prompt and its top-k log-probs are kept.")
-    top_k: int = Field(8, ge=1, le=64, description="How many of the teacher's most likely tokens are kept per target position.")
-    sampling: SamplingSpec = Field(default_factory=SamplingSpec, description="Teacher sampling settings.")
+    mode: Literal["generate", "score"] = Field(
+        "generate",
+        description=(
+            "'generate': the teacher writes responses and the top-k log-probs of its tokens are kept. "
+            "'score': the teacher is teacher-forced over given text (prompt + response, or whole documents) "
+            "and the top-k log-probs at every target position are kept."
+        ),
+    )
+    top_k: int = Field(8, ge=1, le=128, description="How many of the teacher's most likely tokens are kept per target position.")
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec, description="Teacher sampling settings (generate mode).")
+    system_prompt: str | None = Field(None, description="System message put before each prompt when the chat template is applied.")
+    chat_template: bool | None = Field(
+        None,
+        description="Render prompts with the teacher's chat template. Unset: only for `messages` rows, or when a system prompt is given.",
+    )
 
 
 class DistillSpec(_Section):
@@ -249,9 +318,11 @@ def _absolutize_paths(raw: dict) -> None:
         section, key = dotted.split(".")
         node = raw.get(section)
         if isinstance(node, dict) and isinstance(node.get(key), str):
-            value = node[key]
-            if value and "://" not in value and not is_builtin_model(value):
-                node[key] = os.path.abspath(os.path.expanduser(value))
+            # data.path may list several paths separated by commas.
+            parts = node[key].split(",") if dotted == "data.path" else [node[key]]
+            node[key] = ",".join(
+                p if not p.strip() or "://" in p or is_builtin_model(p) else os.path.abspath(os.path.expanduser(p.strip())) for p in parts
+            )
 
 
 def format_validation_error(err: ValidationError) -> list[str]:

@@ -1,50 +1,227 @@
-"""Reading the prompt corpus into a Ray Dataset of ``{id, split, prompt}`` rows."""
+"""Reading the corpus and preparing teacher requests, with bad rows rejected rather than fatal.
+
+Two stages over Ray Datasets:
+
+* ``read_records(data)`` -> rows ``{raw, source}``: ``raw`` is the record as bytes (a JSONL or
+  text line, a whole text file) or a JSON string (a Parquet row); ``source`` is where it came
+  from (``path:line`` or ``path#row``).
+* ``RequestBuilder`` -> rows in ``REQUEST_COLUMNS``: the teacher's token ids for the prompt (and,
+  in score mode, the response), or a ``reject`` reason. Nothing raises on a bad row.
+"""
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
+import os
+from typing import Any, Iterator
 
 import numpy as np
+import pyarrow as pa
 
 from raydistill.data.signals import stable_split
-from raydistill.spec import DataSpec
+from raydistill.spec import DataSpec, TeacherPassSpec
 
-CORPUS_COLUMNS = ("id", "split", "prompt")
+REQUEST_COLUMNS = ("id", "split", "source", "prompt", "response", "prompt_ids", "target_ids", "reject", "raw")
+# Rows per block when streaming a text file; bounds memory regardless of file size.
+LINES_PER_BLOCK = 2048
+_RAW_SNIPPET = 200
 
 
-class CorpusError(ValueError):
-    """A corpus row that cannot be turned into a prompt."""
-
-
-def parse_jsonl_batch(batch: dict[str, np.ndarray], data: DataSpec) -> dict[str, list]:
-    """Stage: raw JSONL lines (``text``, ``path``) -> ``id``, ``split``, ``prompt``.
-
-    Lines are parsed here rather than by ``ray.data.read_json`` so that one malformed line
-    produces an error naming its file and content, not an Arrow schema error for the block.
-    """
-    out: dict[str, list] = {c: [] for c in CORPUS_COLUMNS}
-    for line, path in zip(batch["text"], batch["path"]):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise CorpusError(f"{path}: invalid JSON ({err.msg}) in line {line[:120]!r}") from None
-        prompt = row.get(data.prompt_field) if isinstance(row, dict) else None
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise CorpusError(f"{path}: row {line[:120]!r} has no non-empty string field {data.prompt_field!r} (data.prompt_field)")
-        raw_id = row.get(data.id_field)
-        example_id = str(raw_id) if raw_id is not None else "sha-" + hashlib.sha256(prompt.encode()).hexdigest()[:16]
-        out["id"].append(example_id)
-        out["split"].append(stable_split(example_id, data.eval_fraction))
-        out["prompt"].append(prompt)
+def _expand_paths(path_spec: str) -> list[str]:
+    """Comma-separated paths; local globs are expanded here (Ray expands directories itself)."""
+    out = []
+    for part in (p.strip() for p in path_spec.split(",") if p.strip()):
+        if "://" not in part and any(c in part for c in "*?["):
+            out.extend(sorted(glob.glob(part)))
+        else:
+            out.append(part)
     return out
 
 
-def read_corpus(data: DataSpec):
-    """A lazy Ray Dataset of prompts; the corpus is streamed, never loaded whole."""
+def _line_datasource_cls():
+    from ray.data.datasource import FileBasedDatasource
+
+    class LineDatasource(FileBasedDatasource):
+        """Streams files as raw byte lines with their line numbers, or whole files as one record.
+
+        Ray's own text reader decodes each file whole and strictly, so one invalid UTF-8 byte
+        fails the file and line numbers are lost; here decoding is per record, downstream,
+        where a bad record can be rejected with its location.
+        """
+
+        def __init__(self, paths, whole_file: bool = False, **kwargs):
+            super().__init__(paths, **kwargs)
+            self.whole_file = whole_file
+
+        def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
+            if self.whole_file:
+                yield pa.table({"raw": pa.array([f.readall()], pa.binary()), "source": [path]})
+                return
+            raws, sources, carry, lineno = [], [], b"", 0
+            while True:
+                chunk = f.read(1 << 20)
+                if not chunk:
+                    break
+                lines = (carry + chunk).split(b"\n")
+                carry = lines.pop()
+                for line in lines:
+                    lineno += 1
+                    if line.strip():
+                        raws.append(line)
+                        sources.append(f"{path}:{lineno}")
+                if len(raws) >= LINES_PER_BLOCK:
+                    yield pa.table({"raw": pa.array(raws, pa.binary()), "source": sources})
+                    raws, sources = [], []
+            if carry.strip():
+                raws.append(carry)
+                sources.append(f"{path}:{lineno + 1}")
+            if raws:
+                yield pa.table({"raw": pa.array(raws, pa.binary()), "source": sources})
+
+    return LineDatasource
+
+
+def _parquet_to_records(batch: pa.Table) -> pa.Table:
+    """Parquet rows -> ``{raw: JSON text, source: path#row}`` so all formats share one parser."""
+    paths = batch.column("path").to_pylist()
+    rows = batch.drop_columns(["path"]).to_pylist()
+    raws = [json.dumps(r, default=str).encode() for r in rows]
+    # Ray does not expose a row's index within its file; the id (or content hash) locates it.
+    return pa.table({"raw": pa.array(raws, pa.binary()), "source": [f"{p}#parquet" for p in paths]})
+
+
+def read_records(data: DataSpec):
+    """A lazy Ray Dataset of ``{raw, source}`` records; files are streamed, never loaded whole."""
     import ray.data
 
-    lines = ray.data.read_text(data.path, include_paths=True)
-    return lines.map_batches(parse_jsonl_batch, fn_kwargs={"data": data}, batch_format="numpy")
+    paths = _expand_paths(data.path)
+    if data.format == "parquet":
+        return ray.data.read_parquet(paths, include_paths=True).map_batches(_parquet_to_records, batch_format="pyarrow")
+    return ray.data.read_datasource(_line_datasource_cls()(paths, whole_file=data.format == "text_files"))
+
+
+class RowError(ValueError):
+    """Why one corpus row cannot become a teacher request."""
+
+
+class RequestBuilder:
+    """Ray Data stage: records -> teacher requests (token ids), one output row per input row.
+
+    Holds the teacher's tokenizer, so prompt ids are the teacher's own and the length cap is
+    exact. Bad rows come out with ``reject`` set and are never raised.
+    """
+
+    def __init__(self, data: DataSpec, teacher_pass: TeacherPassSpec, tokenizer_path: str, max_prompt_tokens: int):
+        from transformers import AutoTokenizer
+
+        self.data, self.tp = data, teacher_pass
+        self.tok = AutoTokenizer.from_pretrained(tokenizer_path)
+        self.max_prompt_tokens = max_prompt_tokens
+
+    # -- parsing ---------------------------------------------------------------------------
+    def _record(self, raw: bytes) -> dict[str, Any] | str:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise RowError(f"invalid UTF-8 at byte {err.start}") from None
+        if self.data.format in ("text", "text_files"):
+            return text
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise RowError(f"invalid JSON: {err.msg} at column {err.colno}") from None
+        if not isinstance(row, dict):
+            raise RowError(f"expected a JSON object, got {type(row).__name__}")
+        return row
+
+    def _field_text(self, row: dict, key: str, required: bool) -> str | None:
+        value = row.get(key)
+        if value is None:
+            if required:
+                raise RowError(f"missing field {key!r}")
+            return None
+        if not isinstance(value, str):
+            raise RowError(f"field {key!r} must be a string, got {type(value).__name__}")
+        if not value.strip():
+            raise RowError(f"field {key!r} is empty")
+        return value
+
+    def _render_chat(self, messages: list[dict]) -> str:
+        if not getattr(self.tok, "chat_template", None):
+            raise RowError("chat messages given but the teacher's tokenizer has no chat template")
+        if self.tp.system_prompt and not any(m.get("role") == "system" for m in messages):
+            messages = [{"role": "system", "content": self.tp.system_prompt}, *messages]
+        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=self.tp.mode == "generate")
+
+    def _prompt_text(self, record) -> tuple[str, str | None]:
+        """(prompt text as the teacher sees it, given response or None)."""
+        if isinstance(record, str):
+            if not record.strip():
+                raise RowError("empty document")
+            return record, None
+        messages = record.get(self.data.messages_field)
+        if record.get(self.data.prompt_field) is None and messages is not None:
+            if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages) or not messages:
+                raise RowError(f"field {self.data.messages_field!r} must be a non-empty list of {{role, content}} objects")
+            return self._render_chat(messages), self._field_text(record, self.data.response_field, required=False)
+        prompt = self._field_text(record, self.data.prompt_field, required=True)
+        use_template = self.tp.chat_template if self.tp.chat_template is not None else bool(self.tp.system_prompt)
+        if use_template:
+            prompt = self._render_chat([{"role": "user", "content": prompt}])
+        return prompt, self._field_text(record, self.data.response_field, required=False)
+
+    def _row_id(self, record, source: str) -> str:
+        if isinstance(record, dict) and record.get(self.data.id_field) is not None:
+            return str(record[self.data.id_field])
+        key = source if not source.endswith("#parquet") else source + json.dumps(record, sort_keys=True, default=str)
+        return "row-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+    # -- one row ------------------------------------------------------------------------------
+    def build(self, raw: bytes, source: str) -> dict[str, Any]:
+        record = self._record(raw)
+        example_id = self._row_id(record, source)
+        prompt, response = self._prompt_text(record)
+        prompt_ids = self.tok(prompt).input_ids
+        # A given response is encoded on its own and appended, so its ids are exactly the
+        # tokenizer's encoding of the response text (no merges across the boundary).
+        target_ids = self.tok(response, add_special_tokens=False).input_ids if response is not None else []
+        if self.tp.mode == "score" and response is None and isinstance(record, dict):
+            raise RowError(f"score mode needs field {self.data.response_field!r} (or a text corpus)")
+        n_tokens = len(prompt_ids) + len(target_ids)
+        if n_tokens > self.max_prompt_tokens:
+            raise RowError(f"{n_tokens} tokens exceeds the limit of {self.max_prompt_tokens} (data.max_prompt_tokens)")
+        if self.tp.mode == "score" and n_tokens < 2:
+            raise RowError("text has no token to score after BOS")
+        return {"id": example_id, "prompt": prompt, "response": response or "", "prompt_ids": prompt_ids, "target_ids": target_ids}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        out: dict[str, list] = {c: [] for c in REQUEST_COLUMNS}
+        for raw, source in zip(batch["raw"], batch["source"]):
+            raw = bytes(raw)
+            try:
+                row = self.build(raw, source)
+                reject = ""
+            except RowError as err:
+                row = {"id": "", "prompt": "", "response": "", "prompt_ids": [], "target_ids": []}
+                reject = str(err)
+            row.update(split=stable_split(row["id"], self.data.eval_fraction) if row["id"] else "", source=source, reject=reject,
+                       raw="" if not reject else raw[:_RAW_SNIPPET].decode("utf-8", errors="replace"))
+            for c in REQUEST_COLUMNS:
+                out[c].append(row[c])
+        return out
+
+
+def prepare_requests(data: DataSpec, teacher_pass: TeacherPassSpec, tokenizer_path: str, max_prompt_tokens: int):
+    """Lazy Dataset of teacher requests (``REQUEST_COLUMNS``), bad rows marked in ``reject``."""
+    import ray.data
+
+    return read_records(data).map_batches(
+        RequestBuilder,
+        fn_constructor_kwargs={"data": data, "teacher_pass": teacher_pass, "tokenizer_path": tokenizer_path, "max_prompt_tokens": max_prompt_tokens},
+        batch_format="numpy",
+        batch_size=256,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, (os.cpu_count() or 2) // 2)),
+        num_cpus=0.5,
+    )

@@ -21,8 +21,21 @@ response        string                      response text, for reports only; nev
 own ids), never the text, so nothing is detokenized and re-tokenized on the way.
 
 File-level metadata is written to ``signals/_signals.json`` next to the shards (teacher,
-tokenizer fingerprint, k, mode, sampling). Ray Data writes the shards in parallel and keeps no
-per-file Arrow schema metadata, so the sidecar is the one place the description lives.
+tokenizer fingerprint, k, mode, sampling, storage encoding). Ray Data writes the shards in
+parallel and keeps no per-file Arrow schema metadata, so the sidecar is the one place the
+description lives.
+
+**On disk** (``STORED_SCHEMA``, zstd-compressed Parquet), ``topk_logprobs`` is replaced by a lossy
+but tightly bounded encoding that the readers (``read_signals``, ``load_signals``) undo:
+
+* ``top1_logprob`` list<float32>: the exact log-prob of the most likely token per position;
+* ``topk_logprob_steps`` list<list<uint16>>: with ``q_j = round((lp_0 - lp_j) * scale)`` (the
+  log-probs are sorted, so q is non-decreasing), the steps ``q_j - q_(j-1)`` for j >= 1. Small
+  non-negative integers compress far better than floats. Quantizing the cumulative value, not
+  each step, keeps the error of every log-prob within ``0.5 / scale`` nats, with no drift.
+
+``scale`` is recorded in the metadata (``logprob_scale``); the default 64 keeps each log-prob
+within 1/128 nat, which costs well under 1e-4 nats/token of KL (see benchmarks/teacher_pass.py).
 """
 
 from __future__ import annotations
@@ -34,8 +47,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 META_FILE = "_signals.json"
+LOGPROB_SCALE = 64
+PARQUET_COMPRESSION = "zstd"
 
 SIGNAL_SCHEMA = pa.schema(
     [
@@ -50,6 +65,10 @@ SIGNAL_SCHEMA = pa.schema(
     ]
 )
 SIGNAL_COLUMNS = SIGNAL_SCHEMA.names
+STORED_SCHEMA = pa.schema(
+    [f for f in SIGNAL_SCHEMA if f.name != "topk_logprobs"]
+    + [pa.field("top1_logprob", pa.list_(pa.float32())), pa.field("topk_logprob_steps", pa.list_(pa.list_(pa.uint16())))]
+)
 
 
 class SignalMismatchError(ValueError):
@@ -95,6 +114,79 @@ def check_tokenizer_matches(signals_dir: str | Path, tokenizer, who: str = "stud
             f"but the {who}'s tokenizer is {fp}; the {who} must use the teacher's tokenizer"
         )
     return meta
+
+
+def _nested_values(column: pa.ChunkedArray) -> tuple[pa.Array, pa.Array, np.ndarray]:
+    """list<list<x>> -> (outer offsets, inner offsets, flat values), each relative to the column."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    outer = arr.offsets
+    inner_arr = arr.values.slice(outer[0].as_py(), outer[-1].as_py() - outer[0].as_py())
+    outer = pa.compute.subtract(outer, outer[0])
+    inner = inner_arr.offsets
+    values = inner_arr.values.slice(inner[0].as_py(), inner[-1].as_py() - inner[0].as_py()).to_numpy(zero_copy_only=False)
+    inner = pa.compute.subtract(inner, inner[0])
+    return outer, inner, values
+
+
+def encode_signals(table: pa.Table, scale: int = LOGPROB_SCALE) -> pa.Table:
+    """``SIGNAL_SCHEMA`` table -> ``STORED_SCHEMA`` table (the on-disk form)."""
+    outer, inner, lp = _nested_values(table["topk_logprobs"])
+    lens = np.diff(inner.to_numpy())
+    k = int(lens.max()) if len(lens) else 0
+    if len(lens) and not (lens == k).all():
+        raise ValueError("every position must hold the same number of top-k entries")
+    lp = lp.astype(np.float64).reshape(-1, k) if k else np.zeros((0, 1))
+    q = np.rint((lp[:, :1] - lp) * scale)
+    steps = np.clip(np.diff(q, axis=1), 0, np.iinfo(np.uint16).max).astype(np.uint16)
+    n_pos = lp.shape[0]
+    step_lists = pa.ListArray.from_arrays(pa.array(np.arange(n_pos + 1, dtype=np.int32) * max(k - 1, 0)), pa.array(steps.reshape(-1)))
+    top1 = pa.array(lp[:, 0].astype(np.float32)) if k else pa.array([], pa.float32())
+    stored = table.drop_columns(["topk_logprobs"])
+    stored = stored.append_column("top1_logprob", pa.ListArray.from_arrays(outer, top1))
+    stored = stored.append_column("topk_logprob_steps", pa.ListArray.from_arrays(outer, step_lists))
+    return stored.cast(STORED_SCHEMA)
+
+
+def decode_signals(table: pa.Table, scale: int = LOGPROB_SCALE) -> pa.Table:
+    """``STORED_SCHEMA`` table (or a column subset) -> ``SIGNAL_SCHEMA`` columns; the readers' inverse of ``encode_signals``."""
+    if "topk_logprob_steps" not in table.column_names:
+        return table
+    outer, _, steps = _nested_values(table["topk_logprob_steps"])
+    top1 = pa.chunked_array(table["top1_logprob"]).combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(np.float64)
+    n_pos = len(top1)
+    k = (len(steps) // n_pos + 1) if n_pos else 1
+    q = np.concatenate([np.zeros((n_pos, 1)), np.cumsum(steps.reshape(n_pos, k - 1).astype(np.float64), axis=1)], axis=1)
+    lp = (top1[:, None] - q / scale).astype(np.float32)
+    lists = pa.ListArray.from_arrays(outer, pa.ListArray.from_arrays(pa.array(np.arange(n_pos + 1, dtype=np.int32) * k), pa.array(lp.reshape(-1))))
+    out = table.drop_columns(["top1_logprob", "topk_logprob_steps"]).append_column("topk_logprobs", lists)
+    return out.select([c for c in SIGNAL_COLUMNS if c in out.column_names])
+
+
+def _stored_columns(columns: list[str] | None) -> list[str] | None:
+    if columns is None:
+        return None
+    out = [c for c in columns if c != "topk_logprobs"]
+    return out + ["top1_logprob", "topk_logprob_steps"] if "topk_logprobs" in columns else out
+
+
+def load_signals(signals_dir: str | Path, columns: list[str] | None = None) -> pa.Table:
+    """All signal rows of ``signals_dir`` as one decoded ``SIGNAL_SCHEMA`` table (small runs, tests, reports)."""
+    import pyarrow.dataset as pads
+
+    meta = read_signal_meta(signals_dir)
+    table = pads.dataset(str(signals_dir), format="parquet").to_table(columns=_stored_columns(columns))
+    return decode_signals(table, meta["logprob_scale"])
+
+
+def read_signals(signals_dir: str | Path, split: str | None = None):
+    """A lazy Ray Dataset of decoded signal rows, optionally only one split."""
+    import ray.data
+
+    meta = read_signal_meta(signals_dir)
+    ds = ray.data.read_parquet(str(signals_dir))
+    if split is not None:
+        ds = ds.filter(expr=f"split == '{split}'")
+    return ds.map_batches(decode_signals, fn_kwargs={"scale": meta["logprob_scale"]}, batch_format="pyarrow")
 
 
 def stable_split(example_id: str, eval_fraction: float) -> str:

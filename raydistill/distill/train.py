@@ -174,10 +174,10 @@ def run_train_stage(train: TrainSpec, distill: DistillSpec, student_path: str, s
     from ray.train.torch import TorchConfig, TorchTrainer
     from transformers import AutoTokenizer
 
-    from raydistill.data.signals import check_tokenizer_matches
+    from raydistill.data.signals import check_tokenizer_matches, read_signals
 
     check_tokenizer_matches(signals_dir, AutoTokenizer.from_pretrained(student_path))
-    train_ds = ray.data.read_parquet(signals_dir).filter(expr="split == 'train'")
+    train_ds = read_signals(signals_dir, split="train")
     n_rows = train_ds.count()
     if n_rows < train.workers:
         raise ValueError(f"only {n_rows} training rows in {signals_dir}; train.workers={train.workers} needs at least one each")

@@ -82,7 +82,9 @@ def summarize(totals: dict[str, float], n_rows: int) -> dict:
 def run_eval_stage(eval_spec: EvalSpec, max_seq_len: int, student_path: str, teacher_path: str, signals_dir: str, run_dir: str) -> dict:
     import ray.data
 
-    eval_ds = ray.data.read_parquet(signals_dir).filter(expr="split == 'eval'")
+    from raydistill.data.signals import read_signals
+
+    eval_ds = read_signals(signals_dir, split="eval")
     scores = eval_ds.map_batches(
         PairScorer,
         fn_constructor_kwargs={"student_path": student_path, "teacher_path": teacher_path, "max_seq_len": max_seq_len},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from pathlib import Path
@@ -16,8 +17,10 @@ def init_ray(runtime) -> None:
     if ray.is_initialized():
         return
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
-    if runtime.ray_address:
-        ray.init(address=runtime.ray_address, runtime_env=env)
+    # Inside a Ray Job (or with RAY_ADDRESS exported) there is a cluster to join already.
+    address = runtime.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env=env)
     else:
         # More logical CPUs than cores on purpose: Serve's proxy and ingress, Data's actors and
         # Train's workers each reserve one, and mostly wait.
@@ -44,9 +47,9 @@ def _versions() -> dict:
 
 
 def _first_eval_prompt(signals_dir: Path) -> str:
-    import pyarrow.dataset as pads
+    from raydistill.data.signals import load_signals
 
-    table = pads.dataset(str(signals_dir), format="parquet").to_table(columns=["prompt", "split"])
+    table = load_signals(signals_dir, columns=["prompt", "split"])
     prompts = [p for p, s in zip(table["prompt"].to_pylist(), table["split"].to_pylist()) if s == "eval"]
     return (prompts or table["prompt"].to_pylist())[0]
 

@@ -1,139 +1,290 @@
-"""Teacher stage: prompts -> vLLM teacher engines (ray.data.llm) -> flattened top-k signals.
+"""Teacher stage: corpus -> teacher requests -> vLLM engines (ray.data.llm) -> top-k signals.
 
-The engine pool is ray.data.llm's own vLLM processor; this module only builds its config,
-shapes rows on the way in (``preprocess``) and flattens vLLM's log-prob dicts on the way out
-(``to_signal_row``), because those dicts do not convert to Arrow.
+The engine pool is ray.data.llm's own vLLM processor (an autoscaling actor pool); this module
+builds its config, shapes rows on the way in (``_engine_request``) and flattens vLLM's log-prob
+dicts on the way out (``to_signal_row``), because those dicts do not convert to Arrow.
+
+Interrupting is safe: shards that were completely written are kept, a re-run skips their ids,
+and truncated shards (a SIGKILL mid-write leaves no Parquet footer) are deleted.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
+import uuid
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from raydistill.data.signals import SIGNAL_COLUMNS, SIGNAL_SCHEMA
+from raydistill.data.signals import LOGPROB_SCALE, META_FILE, PARQUET_COMPRESSION, SIGNAL_COLUMNS, SIGNAL_SCHEMA, encode_signals
 from raydistill.spec import DataSpec, TeacherPassSpec, TeacherSpec
 
-# vLLM on CPU sizes its KV cache from this (GiB); its GPU-memory heuristic fails on CPU hosts.
-DEFAULT_CPU_KV_CACHE_GIB = "1"
+REJECTED_FILE = "_rejected.jsonl"
+_REJECTED_PARTS = "_rejected_parts"
+_FIRST_BAD_ROWS_SHOWN = 10
+
+# Raw log-probs are the model's T=1 distribution, before temperature, top-p or penalties.
+# Signals must describe the teacher, not our sampling settings, so they stay valid for any
+# student temperature; processed log-probs would bake the sampler into the targets.
+LOGPROBS_MODE = "raw_logprobs"
+
+
+class BadRowsError(ValueError):
+    """``data.on_bad_row: fail`` and the corpus has bad rows."""
 
 
 def engine_kwargs(teacher: TeacherSpec, top_k: int) -> dict[str, Any]:
-    kwargs = {
-        "max_logprobs": max(top_k, 20),
-        # Raw log-probs are the model's T=1 distribution, before temperature, top-p or penalties.
-        # Signals must describe the teacher, not our sampling settings, so they stay valid for
-        # any student temperature; processed log-probs would bake the sampler into the targets.
-        "logprobs_mode": "raw_logprobs",
-    }
+    kwargs = {"max_logprobs": max(top_k, 20), "logprobs_mode": LOGPROBS_MODE}
     kwargs.update(teacher.engine_args)
     return kwargs
 
 
 def sampling_params(teacher_pass: TeacherPassSpec) -> dict[str, Any]:
+    """The vLLM sampling parameters of one request (the per-sample seed is added per row)."""
+    if teacher_pass.mode == "score":
+        # One throwaway token; the signal is prompt_logprobs over the given text.
+        return {"max_tokens": 1, "temperature": 0.0, "prompt_logprobs": teacher_pass.top_k}
     s = teacher_pass.sampling
-    return {
-        "max_tokens": s.max_tokens,
-        "temperature": s.temperature,
-        "top_p": s.top_p,
-        "seed": s.seed,
-        "logprobs": teacher_pass.top_k,
-    }
+    return {"max_tokens": s.max_tokens, "temperature": s.temperature, "top_p": s.top_p, "stop": list(s.stop), "logprobs": teacher_pass.top_k}
 
 
 def topk_from_logprob_dict(entry: dict, k: int) -> tuple[list[int], list[float]]:
     """One vLLM position dict ``{token_id: {logprob, rank, ...}}`` -> (ids, logprobs), most likely first.
 
-    vLLM adds the sampled token to the dict even when it ranks below k, so a dict can hold k + 1
-    entries. We keep exactly the k best by rank: the sampled token is already in ``input_ids``
-    (CE uses it), and an extra entry would make k vary by position and double-count its mass,
-    which belongs in the tail.
+    vLLM adds the actual (sampled or given) token to the dict even when it ranks below k, so a
+    dict can hold k + 1 entries. We keep exactly the k best by rank: the actual token is already
+    in ``input_ids`` (CE uses it), and an extra entry would make k vary by position and take its
+    mass out of the tail, where it belongs for the top-k + tail distribution.
     """
     ranked = sorted(entry.items(), key=lambda kv: kv[1]["rank"])[:k]
     return [int(t) for t, _ in ranked], [float(v["logprob"]) for _, v in ranked]
 
 
-def to_signal_row(row: dict[str, Any], k: int) -> dict[str, Any]:
-    """Postprocess: one vLLM output row -> one signal row (see raydistill.data.signals)."""
-    prompt_ids = [int(t) for t in row["prompt_token_ids"]]
-    generated = [int(t) for t in row["generated_tokens"]]
-    topk_ids, topk_lps = [], []
-    for entry in row["logprobs"] or []:
-        ids, lps = topk_from_logprob_dict(entry, k)
-        topk_ids.append(ids)
-        topk_lps.append(lps)
+def to_signal_row(row: dict[str, Any], k: int, mode: str) -> dict[str, Any]:
+    """Postprocess: one vLLM output row -> one signal row, or a row with ``reject`` set."""
+    base = {"id": row["id"], "split": row["split"], "prompt": row["prompt"], "source": row["source"]}
+    if row.get("__inference_error__"):
+        return {**base, "reject": f"teacher engine error: {row['__inference_error__']}", **_EMPTY_SIGNAL}
+    if mode == "score":
+        input_ids = [int(t) for t in row["prompt_token_ids"]]
+        start = int(row["target_start"])
+        entries = row["prompt_logprobs"][start:]
+        response = row["response"]
+    else:
+        prompt_ids = [int(t) for t in row["prompt_token_ids"]]
+        input_ids = prompt_ids + [int(t) for t in row["generated_tokens"]]
+        start = len(prompt_ids)
+        entries = row["logprobs"] or []
+        response = row["generated_text"]
+    pairs = [topk_from_logprob_dict(e, k) for e in entries]
     return {
-        "id": row["id"],
-        "split": row["split"],
-        "input_ids": prompt_ids + generated,
-        "target_start": len(prompt_ids),
-        "topk_ids": topk_ids,
-        "topk_logprobs": topk_lps,
-        "prompt": row["prompt"],
-        "response": row["generated_text"],
+        **base,
+        "reject": "",
+        "input_ids": input_ids,
+        "target_start": start,
+        "topk_ids": [p[0] for p in pairs],
+        "topk_logprobs": [p[1] for p in pairs],
+        "response": response,
     }
 
 
-def cast_to_signal_schema(batch: pa.Table) -> pa.Table:
-    """Pin the column types (int32 ids, float32 log-probs) that Arrow's inference would widen."""
-    return batch.select(SIGNAL_COLUMNS).cast(SIGNAL_SCHEMA)
+_EMPTY_SIGNAL = {"input_ids": [], "target_start": 0, "topk_ids": [], "topk_logprobs": [], "response": ""}
+
+
+def _engine_request(row: dict[str, Any], params: dict[str, Any], mode: str) -> dict[str, Any]:
+    """Preprocess: a prepared request -> what ray.data.llm's vLLM stage consumes."""
+    prompt_ids = list(row["prompt_ids"])
+    target_ids = list(row["target_ids"])
+    per_row = dict(params)
+    if row.get("seed") is not None and "seed" not in per_row:
+        per_row["seed"] = int(row["seed"])
+    # Token ids, not text: the engine sees exactly the teacher tokenizer's ids we record.
+    tokenized = prompt_ids + target_ids if mode == "score" else prompt_ids
+    start = len(prompt_ids) if target_ids else 1  # a raw document is scored from its first token after BOS
+    return {
+        "id": row["id"], "split": row["split"], "source": row["source"], "prompt": row["prompt"], "response": row["response"],
+        "target_start": start, "tokenized_prompt": tokenized, "sampling_params": per_row,
+    }
+
+
+def _expand_samples(row: dict[str, Any], n: int, seed: int | None) -> list[dict[str, Any]]:
+    """n samples per prompt as n rows: ray.data.llm's output keeps only a request's first sample."""
+    if n == 1:
+        return [{**row, "seed": seed}]
+    return [{**row, "id": f"{row['id']}#{i}", "seed": None if seed is None else seed + i} for i in range(n)]
 
 
 def build_teacher_processor(teacher: TeacherSpec, teacher_pass: TeacherPassSpec, model_path: str):
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
+    tp = int(teacher.engine_args.get("tensor_parallel_size", 1))
+    bundle = {"GPU": 1} if teacher.use_gpu else {"CPU": 1}
+    replicas = teacher.replicas
     config = vLLMEngineProcessorConfig(
         model_source=model_path,
         engine_kwargs=engine_kwargs(teacher, teacher_pass.top_k),
-        runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": DEFAULT_CPU_KV_CACHE_GIB}},
-        placement_group_config={"bundles": [{"CPU": 1}]},
+        runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(teacher.cpu_kv_cache_gib)}},
+        placement_group_config={"bundles": [bundle] * tp},
+        accelerator_type=teacher.accelerator_type,
         batch_size=teacher.batch_size,
-        concurrency=teacher.replicas,
-        # vLLM tokenizes with the teacher's own tokenizer (BOS included) and returns the ids;
-        # the separate Ray tokenize/detokenize stages would only add a second pass.
+        # (min, max) is Ray Data's autoscaling actor pool; equal bounds give a fixed pool.
+        concurrency=replicas.min if replicas.min == replicas.max else (replicas.min, replicas.max),
+        # A failing row is reported as a rejected row, not a failed job.
+        should_continue_on_error=True,
         chat_template_stage=False,
         tokenize_stage=False,
         detokenize_stage=False,
     )
-    params = sampling_params(teacher_pass)
-    k = teacher_pass.top_k
+    params, mode, k = sampling_params(teacher_pass), teacher_pass.mode, teacher_pass.top_k
     return build_processor(
         config,
-        preprocess=lambda row: {"id": row["id"], "split": row["split"], "prompt": row["prompt"], "sampling_params": params},
-        postprocess=lambda row: to_signal_row(row, k),
+        preprocess=lambda row: _engine_request(row, params, mode),
+        postprocess=lambda row: to_signal_row(row, k, mode),
     )
 
 
-def teacher_signals(prompts, teacher: TeacherSpec, teacher_pass: TeacherPassSpec, model_path: str):
-    """Lazy Dataset: corpus rows (id, split, prompt) -> signal rows in ``SIGNAL_SCHEMA``."""
-    processor = build_teacher_processor(teacher, teacher_pass, model_path)
-    return processor(prompts).map_batches(cast_to_signal_schema, batch_format="pyarrow")
+class _RejectSink:
+    """Map stage: write rejected rows to a part file under ``_rejected_parts/``; pass good rows on.
+
+    Ray Data has no side output, so rows the engine failed on leave the stream here, at the
+    one place they are known, instead of a second pass over the outputs.
+    """
+
+    def __init__(self, parts_dir: str):
+        self.parts_dir = parts_dir
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rejected = batch.filter(pa.compute.not_equal(batch["reject"], ""))
+        if rejected.num_rows:
+            _write_rejects(self.parts_dir, rejected.select(["source", "id", "reject"]).to_pylist())
+        return encode_signals(batch.filter(pa.compute.equal(batch["reject"], "")).select(SIGNAL_COLUMNS).cast(SIGNAL_SCHEMA))
+
+
+def _write_rejects(parts_dir: str, rows: list[dict]) -> None:
+    Path(parts_dir).mkdir(parents=True, exist_ok=True)
+    path = Path(parts_dir) / f"{uuid.uuid4().hex}.jsonl"
+    path.write_text("".join(json.dumps({"source": r["source"], "id": r["id"] or None, "reason": r["reject"], **({"raw": r["raw"]} if r.get("raw") else {})}) + "\n" for r in rows))
+
+
+def completed_ids(signals_dir: str) -> set[str]:
+    """Ids in the complete shards of an earlier attempt; truncated shards are deleted."""
+    done: set[str] = set()
+    for shard in sorted(Path(signals_dir).glob("*.parquet")):
+        try:
+            ids = pq.read_table(shard, columns=["id"])["id"].to_pylist()
+        except (pa.ArrowInvalid, OSError):
+            shard.unlink()
+            continue
+        done.update(ids)
+    return done
+
+
+def _meta(teacher: TeacherSpec, teacher_pass: TeacherPassSpec, teacher_path: str, fingerprint: str) -> dict:
+    return {
+        "teacher": teacher.model,
+        "teacher_path": teacher_path,
+        "tokenizer_fingerprint": fingerprint,
+        "top_k": teacher_pass.top_k,
+        "mode": teacher_pass.mode,
+        "sampling": sampling_params(teacher_pass) | {"n": teacher_pass.sampling.n, "seed": teacher_pass.sampling.seed},
+        "system_prompt": teacher_pass.system_prompt,
+        "logprobs_mode": LOGPROBS_MODE,
+        "logprob_scale": LOGPROB_SCALE,
+        "parquet_compression": PARQUET_COMPRESSION,
+    }
+
+
+def _prepare_signals_dir(signals_dir: str, meta: dict) -> set[str]:
+    """Keep an earlier attempt's shards only if they were made the same way; return their ids."""
+    from raydistill.data.signals import read_signal_meta, write_signal_meta
+
+    path = Path(signals_dir)
+    if (path / META_FILE).exists():
+        try:
+            old = read_signal_meta(signals_dir)
+        except ValueError:
+            old = {}
+        if {k: old.get(k) for k in meta} != meta:
+            print(f"[teacher] {signals_dir} was made with other settings; starting it afresh", flush=True)
+            shutil.rmtree(path)
+    elif path.exists():
+        shutil.rmtree(path)
+    write_signal_meta(signals_dir, meta)
+    shutil.rmtree(path / _REJECTED_PARTS, ignore_errors=True)  # rejects are re-derived from the whole corpus
+    return completed_ids(signals_dir)
+
+
+def max_prompt_tokens(data: DataSpec, teacher: TeacherSpec, teacher_pass: TeacherPassSpec, teacher_path: str) -> int:
+    if data.max_prompt_tokens is not None:
+        return data.max_prompt_tokens
+    from transformers import AutoConfig
+
+    max_len = teacher.engine_args.get("max_model_len") or getattr(AutoConfig.from_pretrained(teacher_path), "max_position_embeddings", 4096)
+    return int(max_len) - (teacher_pass.sampling.max_tokens if teacher_pass.mode == "generate" else 1)
 
 
 def run_teacher_stage(data: DataSpec, teacher: TeacherSpec, teacher_pass: TeacherPassSpec, teacher_path: str, signals_dir: str) -> dict:
-    """Write ``signals_dir`` (shards + metadata) for every corpus row; return the stage outputs."""
-    import shutil
-    from pathlib import Path
-
+    """Write ``signals_dir`` (shards, metadata, rejected rows) for the corpus; return the stage outputs."""
     import ray.data
     from transformers import AutoTokenizer
 
-    from raydistill.data.corpus import read_corpus
-    from raydistill.data.signals import tokenizer_fingerprint, write_signal_meta
+    from raydistill.data.corpus import prepare_requests
+    from raydistill.data.signals import tokenizer_fingerprint
 
-    if Path(signals_dir).exists():  # an interrupted earlier attempt; its partial shards are not trusted
-        shutil.rmtree(signals_dir)
-    write_signal_meta(signals_dir, {
-        "teacher": teacher.model,
-        "teacher_path": teacher_path,
-        "tokenizer_fingerprint": tokenizer_fingerprint(AutoTokenizer.from_pretrained(teacher_path)),
-        "top_k": teacher_pass.top_k,
-        "mode": teacher_pass.mode,
-        "sampling": sampling_params(teacher_pass),
-        "logprobs_mode": "raw_logprobs",
-    })
-    teacher_signals(read_corpus(data), teacher, teacher_pass, teacher_path).write_parquet(signals_dir)
-    splits = ray.data.read_parquet(signals_dir).select_columns(["split"]).to_pandas()["split"].value_counts()
-    out = {"signals_dir": signals_dir, "rows": int(splits.sum()), "train_rows": int(splits.get("train", 0)), "eval_rows": int(splits.get("eval", 0))}
-    print(f"[teacher] wrote {out['rows']} signal rows ({out['eval_rows']} held out) to {signals_dir}", flush=True)
+    meta = _meta(teacher, teacher_pass, teacher_path, tokenizer_fingerprint(AutoTokenizer.from_pretrained(teacher_path)))
+    done = _prepare_signals_dir(signals_dir, meta)
+    if done:
+        print(f"[teacher] resuming: {len(done)} rows already in {signals_dir}", flush=True)
+    requests = prepare_requests(data, teacher_pass, teacher_path, max_prompt_tokens(data, teacher, teacher_pass, teacher_path))
+    parts = str(Path(signals_dir) / _REJECTED_PARTS)
+
+    # Bad input rows first: cheap (no teacher), and with on_bad_row=fail nothing reaches the engines.
+    bad = requests.filter(lambda r: r["reject"] != "").select_columns(["source", "id", "reject", "raw"])
+    if data.on_bad_row == "fail":
+        first = bad.take(_FIRST_BAD_ROWS_SHOWN)
+        if first:
+            lines = "\n".join(f"  {r['source']}: {r['reject']}" for r in first)
+            raise BadRowsError(f"data.on_bad_row=fail and the corpus has bad rows (first {len(first)}):\n{lines}")
+    else:
+        for batch in bad.iter_batches(batch_format="pyarrow", batch_size=4096):
+            if batch.num_rows:
+                _write_rejects(parts, batch.to_pylist())
+
+    s = teacher_pass.sampling
+    todo = (
+        requests.filter(lambda r: r["reject"] == "")
+        .flat_map(lambda r: [x for x in _expand_samples(r, s.n if teacher_pass.mode == "generate" else 1, s.seed) if x["id"] not in done])
+        # One engine batch per block, streamed: each finished batch becomes its own shard, which
+        # is what a re-run after an interruption can keep.
+        .repartition(target_num_rows_per_block=teacher.batch_size)
+    )
+    signals = build_teacher_processor(teacher, teacher_pass, teacher_path)(todo)
+    # batch_size=None: one engine output block at a time, so shards are written as they finish.
+    signals.map_batches(_RejectSink, fn_constructor_args=(parts,), batch_format="pyarrow", batch_size=None, concurrency=1, num_cpus=0.25).write_parquet(signals_dir, compression=PARQUET_COMPRESSION)
+
+    rejected = _merge_rejects(signals_dir)
+    table = pq.ParquetDataset(signals_dir).read(columns=["id", "split"])
+    ids = table["id"].to_pylist()
+    if len(ids) != len(set(ids)):
+        raise RuntimeError(f"{signals_dir} holds duplicate ids; delete it and re-run the teacher stage")
+    splits = table["split"].to_pylist()
+    out = {"signals_dir": signals_dir, "rows": len(ids), "train_rows": splits.count("train"), "eval_rows": splits.count("eval"),
+           "rejected_rows": rejected, "resumed_rows": len(done)}
+    print(f"[teacher] {out['rows']} signal rows ({out['eval_rows']} held out) in {signals_dir}; {rejected} rejected", flush=True)
     return out
+
+
+def _merge_rejects(signals_dir: str) -> int:
+    parts = sorted((Path(signals_dir) / _REJECTED_PARTS).glob("*.jsonl"))
+    lines = [line for p in parts for line in p.read_text().splitlines() if line.strip()]
+    lines.sort(key=lambda l: json.loads(l)["source"])
+    target = Path(signals_dir) / REJECTED_FILE
+    if lines:
+        target.write_text("\n".join(lines) + "\n")
+    elif target.exists():
+        target.unlink()
+    shutil.rmtree(Path(signals_dir) / _REJECTED_PARTS, ignore_errors=True)
+    return len(lines)

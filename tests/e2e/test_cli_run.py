@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pyarrow.dataset as pads
+from raydistill.data.signals import load_signals
 import pytest
 
 pytestmark = pytest.mark.e2e
@@ -28,7 +28,7 @@ def test_tiny_run_end_to_end_then_rerun_skips(tmp_path, free_port):
     assert {n: s["status"] for n, s in manifest["stages"].items()} == {s: "succeeded" for s in ("teacher", "train", "eval", "serve-check")}
 
     corpus_ids = [json.loads(l)["id"] for l in (ROOT / "configs/data/tiny_prompts.jsonl").read_text().splitlines() if l.strip()]
-    signal_ids = pads.dataset(str(run_dir / "signals"), format="parquet").to_table(columns=["id"])["id"].to_pylist()
+    signal_ids = load_signals(run_dir / "signals", columns=["id"])["id"].to_pylist()
     assert sorted(signal_ids) == sorted(corpus_ids)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer

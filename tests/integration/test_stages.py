@@ -5,17 +5,20 @@ import math
 from pathlib import Path
 
 import numpy as np
-import pyarrow.dataset as pads
 import pytest
 import torch
 
-from raydistill.data.signals import SIGNAL_SCHEMA, read_signal_meta, tokenizer_fingerprint
+from raydistill.data.signals import LOGPROB_SCALE, SIGNAL_SCHEMA, load_signals, read_signal_meta, tokenizer_fingerprint
 
 pytestmark = pytest.mark.integration
+# Stored log-probs are quantized to within 0.5 / LOGPROB_SCALE nats (the top-1 exactly), so a
+# near-empty tail may come back a hair below zero, and values match the engine to that bound.
+TAIL_TOL = float(np.expm1(0.5 / LOGPROB_SCALE))
+LP_TOL = 0.5 / LOGPROB_SCALE + 2e-3
 
 
 def _signals(signals_dir):
-    return pads.dataset(signals_dir, format="parquet").to_table()
+    return load_signals(signals_dir)
 
 
 def _corpus_rows(spec):
@@ -26,7 +29,7 @@ def test_teacher_stage_writes_one_exact_row_per_prompt(teacher_run, tiny_spec, m
     from transformers import AutoTokenizer
 
     table = _signals(teacher_run["signals_dir"])
-    assert table.schema.remove_metadata() == SIGNAL_SCHEMA
+    assert table.schema == SIGNAL_SCHEMA
     corpus = {r["id"]: r["prompt"] for r in _corpus_rows(tiny_spec)}
     ids = table["id"].to_pylist()
     assert sorted(ids) == sorted(corpus) and teacher_run["rows"] == len(corpus)
@@ -45,7 +48,7 @@ def test_teacher_stage_writes_one_exact_row_per_prompt(teacher_run, tiny_spec, m
             assert len(ids_t) == len(lps_t) == k and len(set(ids_t)) == k
             assert lps_t == sorted(lps_t, reverse=True)
             tail = 1.0 - float(np.exp(np.asarray(lps_t, dtype=np.float64)).sum())
-            assert -1e-5 <= tail <= 1.0
+            assert -TAIL_TOL <= tail <= 1.0
 
     meta = read_signal_meta(teacher_run["signals_dir"])
     assert meta["top_k"] == k and meta["mode"] == "generate"
@@ -64,7 +67,7 @@ def test_teacher_logprobs_agree_with_transformers(teacher_run, model_paths):
             logp = torch.log_softmax(model(torch.tensor([row["input_ids"]])).logits[0].double(), -1)
         for j, (ids_t, lps_t) in enumerate(zip(row["topk_ids"], row["topk_logprobs"])):
             ref = logp[start + j - 1, ids_t].numpy()
-            np.testing.assert_allclose(lps_t, ref, atol=2e-3)
+            np.testing.assert_allclose(lps_t, ref, atol=LP_TOL)
 
 
 def test_train_stage_exports_loadable_student(train_run, tiny_spec, model_paths):

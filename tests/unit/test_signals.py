@@ -5,7 +5,8 @@ import pyarrow as pa
 import pytest
 
 from raydistill.data.signals import SIGNAL_SCHEMA, SignalMismatchError, check_tokenizer_matches, collate, stable_split, tokenizer_fingerprint, write_signal_meta
-from raydistill.teacher.stage import cast_to_signal_schema, to_signal_row, topk_from_logprob_dict
+from raydistill.data.signals import decode_signals, encode_signals
+from raydistill.teacher.stage import to_signal_row, topk_from_logprob_dict
 
 
 def _entry(pairs):
@@ -21,7 +22,7 @@ def test_topk_drops_the_extra_sampled_token():
 
 def _vllm_row():
     return {
-        "id": "a", "split": "train", "prompt": "hi", "generated_text": "yo",
+        "id": "a", "split": "train", "prompt": "hi", "generated_text": "yo", "source": "c.jsonl:1",
         "prompt_token_ids": [1, 10, 11],
         "generated_tokens": [20, 2],
         "logprobs": [_entry([(20, -0.1, 1), (21, -3.0, 2)]), _entry([(2, -0.2, 1), (5, -2.5, 2)])],
@@ -29,10 +30,10 @@ def _vllm_row():
 
 
 def test_to_signal_row_and_schema():
-    row = to_signal_row(_vllm_row(), 2)
+    row = to_signal_row(_vllm_row(), 2, "generate")
     assert row["input_ids"] == [1, 10, 11, 20, 2] and row["target_start"] == 3
     assert len(row["topk_ids"]) == len(row["input_ids"]) - row["target_start"]
-    table = cast_to_signal_schema(pa.Table.from_pylist([row]))
+    table = pa.Table.from_pylist([row]).select(SIGNAL_SCHEMA.names).cast(SIGNAL_SCHEMA)
     assert table.schema == SIGNAL_SCHEMA
 
 
@@ -79,3 +80,44 @@ def test_fingerprint_and_mismatch_refused(tmp_path):
     assert check_tokenizer_matches(tmp_path, a)["tokenizer_fingerprint"] == tokenizer_fingerprint(a)
     with pytest.raises(SignalMismatchError, match="must use the teacher's tokenizer"):
         check_tokenizer_matches(tmp_path, b)
+
+
+def _random_signal_table(n_rows=7, k=6, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n_rows):
+        n_pos = int(rng.integers(0, 5))
+        lps = [sorted(np.log(rng.dirichlet(np.ones(40) * 0.3))[:k].tolist(), reverse=True) for _ in range(n_pos)]
+        rows.append({"id": f"r{i}", "split": "train", "input_ids": list(range(3 + n_pos)), "target_start": 3,
+                     "topk_ids": [rng.choice(500, k, replace=False).tolist() for _ in range(n_pos)], "topk_logprobs": lps,
+                     "prompt": "p", "response": "r"})
+    return pa.Table.from_pylist(rows).cast(SIGNAL_SCHEMA)
+
+
+def test_encoding_round_trips_within_half_a_step():
+    from raydistill.data.signals import STORED_SCHEMA
+
+    table = _random_signal_table()
+    stored = encode_signals(table, scale=64)
+    assert stored.schema == STORED_SCHEMA
+    back = decode_signals(stored, scale=64)
+    assert back.schema == SIGNAL_SCHEMA
+    for col in SIGNAL_SCHEMA.names:
+        if col != "topk_logprobs":
+            assert back[col].to_pylist() == table[col].to_pylist()
+    for a, b in zip(back["topk_logprobs"].to_pylist(), table["topk_logprobs"].to_pylist()):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            np.testing.assert_allclose(x, y, atol=0.5 / 64 + 1e-6)
+            assert x[0] == pytest.approx(y[0], abs=1e-6)  # the top-1 log-prob is exact
+
+
+def test_encoding_of_sliced_batches():
+    """Ray hands stages slices of larger arrays; offsets must be rebased."""
+    table = _random_signal_table(n_rows=12, seed=3)
+    part = table.slice(5, 4)
+    back = decode_signals(encode_signals(part))
+    stored_slice = decode_signals(encode_signals(table).slice(5, 4))
+    assert stored_slice["topk_logprobs"].to_pylist() == back["topk_logprobs"].to_pylist()
+    assert back["topk_ids"].to_pylist() == part["topk_ids"].to_pylist()
+    assert [len(x) for x in back["topk_logprobs"].to_pylist()] == [len(x) for x in part["topk_logprobs"].to_pylist()]

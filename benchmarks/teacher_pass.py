@@ -1,0 +1,150 @@
+"""Teacher pass: raydistill's Ray Data stage versus bare vLLM, and the signal storage cost.
+
+Run from the repository root:
+
+    .venv/bin/python benchmarks/teacher_pass.py --json out.json [--model tiny:teacher] [--prompts 256]
+
+1. Throughput: the same prompts with the same engine arguments and sampling through
+   (a) bare ``vllm.LLM.generate`` in this process and (b) raydistill's teacher stage on a local
+   Ray. Both timings include engine start-up, since a teacher pass pays it too. Prints generated
+   tokens/s for each and ``ratio`` = (b)/(a).
+2. Storage: for k in {8, 32, 50}, score the prompts' responses with bare vLLM, encode the signals
+   exactly as the stage stores them (``encode_signals`` + zstd Parquet), and report bytes per
+   target token on disk and the mean KL (nats/token) between the engine's exact top-k + tail
+   distribution and the stored one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _prompts(n: int) -> list[str]:
+    corpus = [json.loads(l)["prompt"] for l in (ROOT / "configs/data/tiny_prompts.jsonl").read_text().splitlines() if l.strip()]
+    return [f"{corpus[i % len(corpus)]} (variant {i})" for i in range(n)]
+
+
+def bare_vllm(model: str, prompts: list[str], engine_args: dict, params: dict) -> tuple:
+    from vllm import LLM, SamplingParams
+
+    t0 = time.perf_counter()
+    llm = LLM(model=model, **engine_args)
+    outs = llm.generate(prompts, SamplingParams(**params), use_tqdm=False)
+    seconds = time.perf_counter() - t0
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    return seconds, tokens, outs, llm
+
+
+def raydistill_stage(model_ref: str, model: str, prompts: list[str], engine_args: dict, sampling: dict, k: int, work: Path) -> tuple[float, int]:
+    import ray
+
+    from raydistill.data.signals import load_signals
+    from raydistill.spec import DataSpec, SamplingSpec, TeacherPassSpec, TeacherSpec
+    from raydistill.teacher.stage import run_teacher_stage
+
+    corpus = work / "prompts.jsonl"
+    corpus.write_text("".join(json.dumps({"id": f"p{i}", "prompt": p}) + "\n" for i, p in enumerate(prompts)))
+    data = DataSpec(path=str(corpus), eval_fraction=0.0)
+    teacher = TeacherSpec(model=model_ref, engine_args=engine_args, batch_size=64)
+    tp = TeacherPassSpec(mode="generate", top_k=k, sampling=SamplingSpec(**sampling))
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    try:
+        t0 = time.perf_counter()
+        run_teacher_stage(data, teacher, tp, model, str(work / "signals"))
+        seconds = time.perf_counter() - t0
+    finally:
+        ray.shutdown()
+    table = load_signals(work / "signals", columns=["input_ids", "target_start"])
+    tokens = sum(len(ids) - s for ids, s in zip(table["input_ids"].to_pylist(), table["target_start"].to_pylist()))
+    return seconds, tokens
+
+
+def storage_at_k(llm, prompts: list[str], outs, k: int, work: Path) -> tuple[float, float]:
+    """Bytes per target token on disk and stored-vs-exact KL, scoring each prompt + response at k."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from vllm import SamplingParams
+
+    from raydistill.data.signals import PARQUET_COMPRESSION, SIGNAL_SCHEMA, decode_signals, encode_signals
+    from raydistill.teacher.stage import topk_from_logprob_dict
+
+    token_prompts = [{"prompt_token_ids": list(o.prompt_token_ids) + list(o.outputs[0].token_ids)} for o in outs]
+    scored = llm.generate(token_prompts, SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k), use_tqdm=False)
+    rows = []
+    for i, (o, s) in enumerate(zip(outs, scored)):
+        start = len(o.prompt_token_ids)
+        pairs = [topk_from_logprob_dict({t: {"logprob": v.logprob, "rank": v.rank} for t, v in e.items()}, k) for e in s.prompt_logprobs[start:]]
+        rows.append({"id": f"p{i}", "split": "train", "input_ids": token_prompts[i]["prompt_token_ids"], "target_start": start,
+                     "topk_ids": [p[0] for p in pairs], "topk_logprobs": [p[1] for p in pairs], "prompt": prompts[i], "response": o.outputs[0].text})
+    exact = pa.Table.from_pylist(rows).cast(SIGNAL_SCHEMA)
+    path = work / f"k{k}.parquet"
+    pq.write_table(encode_signals(exact), path, compression=PARQUET_COMPRESSION)
+    stored = decode_signals(pq.read_table(path))
+    n_tokens = sum(len(r["topk_ids"]) for r in rows)
+
+    def folded(col):
+        lp = np.asarray([x for row in col.to_pylist() for x in row], dtype=np.float64)
+        p = np.exp(lp)
+        return np.concatenate([p, np.clip(1 - p.sum(1, keepdims=True), 0, 1)], axis=1)
+
+    p, q = folded(exact["topk_logprobs"]), folded(stored["topk_logprobs"])
+    kl = np.where(p > 0, p * (np.log(np.maximum(p, 1e-300)) - np.log(np.maximum(q, 1e-300))), 0).sum(1)
+    return os.path.getsize(path) / n_tokens, float(kl.mean())
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="tiny:teacher", help="teacher: a HF directory or a builtin")
+    ap.add_argument("--prompts", type=int, default=256)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--k", type=int, default=8, help="top-k kept in the throughput comparison")
+    ap.add_argument("--json", help="write the figures here")
+    args = ap.parse_args()
+
+    from raydistill.models import resolve_model
+
+    model = resolve_model(args.model)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    engine_args = {"max_model_len": 512, "enforce_eager": True, "dtype": "float32", "max_logprobs": 64, "logprobs_mode": "raw_logprobs"}
+    sampling = {"max_tokens": args.max_tokens, "temperature": 1.0, "top_p": 1.0, "seed": 0}
+    prompts = _prompts(args.prompts)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        ray_s, ray_tokens = raydistill_stage(args.model, model, prompts, engine_args, sampling, args.k, work)
+        bare_s, bare_tokens, outs, llm = bare_vllm(model, prompts, engine_args, {**sampling, "logprobs": args.k})
+        storage = {k: storage_at_k(llm, prompts, outs, k, work) for k in (8, 32, 50)}
+
+    bare_tps, ray_tps = bare_tokens / bare_s, ray_tokens / ray_s
+    figures = {
+        "model": args.model, "prompts": args.prompts, "max_tokens": args.max_tokens, "k": args.k,
+        "bare_tokens": bare_tokens, "bare_seconds": round(bare_s, 2), "bare_tokens_per_s": round(bare_tps, 1),
+        "raydistill_tokens": ray_tokens, "raydistill_seconds": round(ray_s, 2), "raydistill_tokens_per_s": round(ray_tps, 1),
+        "ratio": round(ray_tps / bare_tps, 3),
+        **{f"bytes_per_token_k{k}": round(b, 1) for k, (b, _) in storage.items()},
+        **{f"kl_k{k}": kl for k, (_, kl) in storage.items()},
+    }
+    print("\n| path | generated tokens | seconds (incl. engine start) | tokens/s |\n|---|---|---|---|")
+    print(f"| bare vllm.LLM.generate | {bare_tokens} | {bare_s:.1f} | {bare_tps:.1f} |")
+    print(f"| raydistill teacher stage | {ray_tokens} | {ray_s:.1f} | {ray_tps:.1f} |")
+    print(f"\nratio (raydistill / bare) = {figures['ratio']}")
+    print("\n| k | bytes / target token | KL stored vs exact (nats/token) |\n|---|---|---|")
+    for k, (b, kl) in storage.items():
+        print(f"| {k} | {b:.1f} | {kl:.2e} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""The teacher pass on the tiny teacher with the real vLLM: both modes, inputs, bad rows, resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from raydistill.data.signals import LOGPROB_SCALE, SIGNAL_SCHEMA, load_signals, read_signal_meta
+
+pytestmark = pytest.mark.integration
+# Stored log-probs are quantized to within 0.5 / LOGPROB_SCALE nats (the top-1 exactly), so a
+# near-empty tail may come back a hair below zero, and values match the engine to that bound.
+TAIL_TOL = float(np.expm1(0.5 / LOGPROB_SCALE))
+LP_TOL = 0.5 / LOGPROB_SCALE + 2e-3
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _table(signals_dir):
+    return load_signals(signals_dir)
+
+
+def _rows_by_id(signals_dir):
+    return {r["id"]: r for r in _table(signals_dir).to_pylist()}
+
+
+def _check_topk(row, k):
+    n_targets = len(row["input_ids"]) - row["target_start"]
+    assert len(row["topk_ids"]) == len(row["topk_logprobs"]) == n_targets > 0
+    for ids_t, lps_t in zip(row["topk_ids"], row["topk_logprobs"]):
+        assert len(ids_t) == k == len(set(ids_t))
+        assert lps_t == sorted(lps_t, reverse=True)
+        tail = 1.0 - float(np.exp(np.asarray(lps_t, dtype=np.float64)).sum())
+        assert -TAIL_TOL <= tail <= 1.0
+
+
+def _spec_with(tiny_spec, tmp_path, corpus, **sections):
+    data = tiny_spec.data.model_copy(update={"path": str(corpus), **sections.get("data", {})})
+    tp = tiny_spec.teacher_pass.model_copy(update=sections.get("teacher_pass", {}))
+    return data, tp
+
+
+GOOD = [
+    {"id": "g1", "prompt": "Describe the quiet forest.", "response": " It is calm and green."},
+    {"id": "g2", "prompt": "What does the river remember?", "response": " The first snow."},
+    {"id": "g3", "prompt": "Write a haiku about time.", "response": " Time moves, the clock sleeps."},
+]
+
+
+def _mixed_corpus(path: Path) -> dict[str, str]:
+    """Good rows plus one of each kind of bad row; returns {line number: expected reason fragment}."""
+    lines = [json.dumps(r).encode() for r in GOOD[:2]]
+    bad = {
+        b'{"id": "b1", "prompt": "unterminated': "invalid JSON",
+        json.dumps({"id": "b2", "response": "no prompt"}).encode(): "missing field 'prompt'",
+        json.dumps({"id": "b3", "prompt": "   ", "response": "x"}).encode(): "field 'prompt' is empty",
+        json.dumps({"id": "b4", "prompt": 5, "response": "x"}).encode(): "must be a string",
+        b'{"id": "b5", "prompt": "bad \xff\xfe bytes", "response": "x"}': "invalid UTF-8",
+        json.dumps({"id": "b6", "prompt": "word " * 200, "response": "x"}).encode(): "exceeds the limit",
+        b"[1, 2, 3]": "expected a JSON object",
+    }
+    expected = {}
+    for raw, reason in bad.items():
+        lines.append(raw)
+        expected[str(len(lines))] = reason
+    lines.append(json.dumps(GOOD[2]).encode())
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return expected
+
+
+def test_score_mode_exact_ids_and_bad_rows_rejected(ray_local, tiny_spec, model_paths, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from raydistill.teacher.stage import run_teacher_stage
+
+    corpus = tmp_path / "mixed.jsonl"
+    expected_bad = _mixed_corpus(corpus)
+    data, tp = _spec_with(tiny_spec, tmp_path, corpus, data={"max_prompt_tokens": 64}, teacher_pass={"mode": "score", "top_k": 6})
+    signals = tmp_path / "signals"
+    out = run_teacher_stage(data, tiny_spec.teacher, tp, model_paths[0], str(signals))
+
+    assert _table(signals).schema == SIGNAL_SCHEMA
+    rows = _rows_by_id(signals)
+    assert sorted(rows) == ["g1", "g2", "g3"] and out["rows"] == 3 and out["rejected_rows"] == len(expected_bad)
+    tok = AutoTokenizer.from_pretrained(model_paths[0])
+    teacher = AutoModelForCausalLM.from_pretrained(model_paths[0], dtype=torch.float32).eval()
+    for g in GOOD:
+        row = rows[g["id"]]
+        prompt_ids = tok(g["prompt"]).input_ids
+        assert row["input_ids"] == prompt_ids + tok(g["response"], add_special_tokens=False).input_ids
+        assert row["target_start"] == len(prompt_ids)
+        _check_topk(row, 6)
+        with torch.no_grad():
+            logp = torch.log_softmax(teacher(torch.tensor([row["input_ids"]])).logits[0].double(), -1)
+        for j, (ids_t, lps_t) in enumerate(zip(row["topk_ids"], row["topk_logprobs"])):
+            np.testing.assert_allclose(lps_t, logp[row["target_start"] + j - 1, ids_t].numpy(), atol=LP_TOL)
+
+    rejected = [json.loads(l) for l in (signals / "_rejected.jsonl").read_text().splitlines()]
+    by_line = {r["source"].rsplit(":", 1)[1]: r for r in rejected}
+    assert set(by_line) == set(expected_bad)
+    for line, fragment in expected_bad.items():
+        assert fragment in by_line[line]["reason"], by_line[line]
+        assert by_line[line]["source"].startswith(str(corpus))
+    assert read_signal_meta(signals)["mode"] == "score"
+
+
+def test_on_bad_row_fail_stops_before_the_teacher(ray_local, tiny_spec, model_paths, tmp_path):
+    from raydistill.teacher.stage import BadRowsError, run_teacher_stage
+
+    corpus = tmp_path / "mixed.jsonl"
+    _mixed_corpus(corpus)
+    data, tp = _spec_with(tiny_spec, tmp_path, corpus, data={"on_bad_row": "fail", "max_prompt_tokens": 64}, teacher_pass={"mode": "score"})
+    with pytest.raises(BadRowsError) as err:
+        run_teacher_stage(data, tiny_spec.teacher, tp, model_paths[0], str(tmp_path / "signals"))
+    assert "invalid JSON" in str(err.value) and f"{corpus}:3" in str(err.value)
+    assert not list((tmp_path / "signals").glob("*.parquet"))
+
+
+def test_score_mode_text_documents(ray_local, tiny_spec, model_paths, tmp_path):
+    from transformers import AutoTokenizer
+
+    from raydistill.teacher.stage import run_teacher_stage
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("The river remembers the first snow.\n\nA small robot builds a hidden door.\n")
+    (docs / "b.txt").write_text("The night train follows the path home.\n")
+    data, tp = _spec_with(tiny_spec, tmp_path, f"{docs}/*.txt", data={"format": "text"}, teacher_pass={"mode": "score", "top_k": 4})
+    run_teacher_stage(data, tiny_spec.teacher, tp, model_paths[0], str(tmp_path / "signals"))
+    rows = _table(tmp_path / "signals").to_pylist()
+    tok = AutoTokenizer.from_pretrained(model_paths[0])
+    assert sorted(r["prompt"] for r in rows) == sorted(
+        ["The river remembers the first snow.", "A small robot builds a hidden door.", "The night train follows the path home."]
+    )
+    for row in rows:
+        assert row["input_ids"] == tok(row["prompt"]).input_ids and row["target_start"] == 1
+        _check_topk(row, 4)
+
+
+def test_generate_chat_messages_with_system_prompt_and_n_samples(ray_local, tiny_spec, model_paths, tmp_path):
+    from transformers import AutoTokenizer
+
+    from raydistill.teacher.stage import run_teacher_stage
+
+    corpus = tmp_path / "chat.jsonl"
+    corpus.write_text("\n".join(json.dumps(r) for r in [
+        {"id": "c1", "messages": [{"role": "user", "content": "Describe the quiet forest."}]},
+        {"id": "c2", "messages": [{"role": "user", "content": "What does the river remember?"}]},
+    ]) + "\n")
+    tp_update = {"system_prompt": "Be brief.", "top_k": 5, "sampling": tiny_spec.teacher_pass.sampling.model_copy(update={"n": 2, "max_tokens": 6})}
+    data, tp = _spec_with(tiny_spec, tmp_path, corpus, teacher_pass=tp_update)
+    run_teacher_stage(data, tiny_spec.teacher, tp, model_paths[0], str(tmp_path / "signals"))
+    rows = _rows_by_id(tmp_path / "signals")
+    assert sorted(rows) == ["c1#0", "c1#1", "c2#0", "c2#1"]
+    tok = AutoTokenizer.from_pretrained(model_paths[0])
+    rendered = tok.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Describe the quiet forest."}], tokenize=False, add_generation_prompt=True
+    )
+    assert rows["c1#0"]["input_ids"][: rows["c1#0"]["target_start"]] == tok(rendered).input_ids
+    for row in rows.values():
+        _check_topk(row, 5)
+        assert len(row["input_ids"]) - row["target_start"] <= 6
+
+
+def test_killed_teacher_pass_resumes_without_loss(tiny_spec, tmp_path, free_port):
+    """SIGKILL the driver once shards exist; the re-run completes every id exactly once."""
+    corpus = tmp_path / "prompts.jsonl"
+    corpus.write_text("".join(json.dumps({"id": f"p{i:03d}", "prompt": f"Tell me about the river number {i}."}) + "\n" for i in range(96)))
+    spec = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    spec["data"]["path"] = str(corpus)
+    spec["teacher"]["batch_size"] = 4
+    spec["teacher_pass"]["sampling"]["max_tokens"] = 16
+    spec["runtime"]["run_dir"] = str(tmp_path / "run")
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    signals = tmp_path / "run" / "signals"
+    cmd = [str(Path(sys.executable).parent / "raydistill"), "run", str(spec_path), "--stages", "teacher"]
+
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and len(list(signals.glob("*.parquet"))) < 2:
+            assert proc.poll() is None, "teacher pass ended before it could be killed"
+            time.sleep(0.5)
+        assert len(list(signals.glob("*.parquet"))) >= 2, "no shards written within 10 minutes"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        # The driver is dead; take down what it left (its local Ray and engine processes).
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        time.sleep(2)
+
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    outputs = manifest["stages"]["teacher"]["outputs"]
+    assert outputs["resumed_rows"] > 0, "the re-run redid every row"
+    ids = _table(signals)["id"].to_pylist()
+    assert len(ids) == len(set(ids)) == 96
+    assert sorted(ids) == [f"p{i:03d}" for i in range(96)]
