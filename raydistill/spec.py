@@ -75,7 +75,48 @@ class TeacherSpec(_Section):
 
 
 class StudentSpec(_Section):
-    model: ModelRef = Field(description="The student's starting point: a local Hugging Face model directory, or a builtin such as 'tiny:student'. It must share the teacher's tokenizer.")
+    init: Literal["pretrained", "prune_from_teacher"] = Field(
+        "pretrained",
+        description=(
+            "'pretrained': start from `model`. 'prune_from_teacher': keep a subset of the teacher's layers "
+            "(`layers` or `every_nth`) with its embeddings, final norm, LM head and tokenizer (DistilBERT / Minitron "
+            "depth pruning); the pruned model is written to RUN/student_init/ before training."
+        ),
+    )
+    model: ModelRef | None = Field(
+        None,
+        description="The student's starting point when init is 'pretrained': a local Hugging Face model directory, or a builtin such as 'tiny:student'. It must share the teacher's tokenizer.",
+    )
+    layers: list[int] | None = Field(
+        None,
+        description="prune_from_teacher: the teacher's decoder layers to keep, by index (0-based, negative counts from the end), in order.",
+    )
+    every_nth: int | None = Field(
+        None,
+        ge=1,
+        description="prune_from_teacher: keep every n-th teacher layer starting at 0, plus the last layer.",
+    )
+    freeze_embeddings: bool = Field(
+        False,
+        description="Do not train the input embeddings (nor the LM head when it is tied to them), which are most of a small student's parameters at large vocabularies.",
+    )
+
+    @model_validator(mode="after")
+    def _init_matches_fields(self) -> "StudentSpec":
+        errors = []
+        if self.init == "pretrained":
+            if self.model is None:
+                errors.append("model: required when init is 'pretrained'")
+            if self.layers is not None or self.every_nth is not None:
+                errors.append("layers/every_nth: only used when init is 'prune_from_teacher'")
+        else:
+            if (self.layers is None) == (self.every_nth is None):
+                errors.append("init 'prune_from_teacher' needs exactly one of layers or every_nth")
+            if self.layers is not None and (not self.layers or len(set(self.layers)) != len(self.layers)):
+                errors.append(f"layers: {self.layers} must be a non-empty list without repeats")
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
 
 
 class DataSpec(_Section):
@@ -194,16 +235,47 @@ class DistillSpec(_Section):
 
 
 class TrainSpec(_Section):
-    workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel ranks).")
+    workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel ranks); one per GPU when use_gpu.")
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
     micro_batch_size: int = Field(4, ge=1, description="Sequences per worker per forward pass.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
     lr: float = Field(1e-3, gt=0.0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    warmup_steps: int = Field(0, ge=0, description="Optimizer steps of linear warmup from 0 to `lr`.")
+    lr_schedule: Literal["constant", "linear_decay"] = Field(
+        "linear_decay",
+        description="After warmup: 'constant' keeps `lr` (DeepSpeed WarmupLR); 'linear_decay' decays it linearly to 0 at the last step (WarmupDecayLR).",
+    )
+    grad_clip: float = Field(1.0, ge=0.0, description="Clip the global gradient norm to this value; 0 disables clipping.")
+    precision: Literal["bf16", "fp32"] | None = Field(
+        None,
+        description="Training precision. Unset: bf16 with use_gpu, fp32 on CPU (where bf16 matmuls are slow and gloo lacks bf16 reductions).",
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute each decoder layer's activations in backward (Hugging Face gradient checkpointing) to save memory.")
+    offload_optimizer: bool = Field(
+        False,
+        description="ZeRO-Offload: keep optimizer states and the optimizer step in CPU memory (zero_stage >= 1). On GPUs this uses DeepSpeedCPUAdam.",
+    )
+    deepspeed_overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Raw DeepSpeed config merged last (nested dicts merge key by key) over the generated one, for options the spec does not model.",
+    )
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps to run. If unset, `epochs` decides.")
     epochs: int = Field(1, ge=1, description="Passes over the training signals when `max_steps` is unset.")
     max_seq_len: int = Field(512, ge=8, description="Sequences longer than this are truncated.")
+    loss_chunk_tokens: int = Field(1024, ge=1, description="Target tokens whose logits are materialized at once in the loss; bounds loss memory at large vocabularies.")
+    checkpoint_every: int = Field(50, ge=1, description="Save a resumable DeepSpeed checkpoint through Ray Train every this many optimizer steps.")
+    checkpoints_to_keep: int = Field(2, ge=1, description="Most recent checkpoints kept in RUN/checkpoints.")
+    max_failures: int = Field(3, ge=-1, description="Worker-group restarts from the latest checkpoint before the run fails (Ray Train FailureConfig); -1 retries forever.")
+    tensorboard: bool = Field(False, description="Also write per-step metrics as TensorBoard events under RUN/train/tensorboard/.")
     seed: int = Field(0, description="Seed for model and data-order randomness.")
-    use_gpu: bool = Field(False, description="Train on GPUs (one per worker) instead of CPUs.")
+    use_gpu: bool = Field(False, description="Train on GPUs (one per worker, NCCL) instead of CPUs (gloo).")
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> "TrainSpec":
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3 (ZeRO-Offload partitions the optimizer)")
+        return self
 
 
 class EvalSpec(_Section):
