@@ -72,36 +72,99 @@ def cmd_run(args) -> int:
     return 0
 
 
-def _serve_spec(overrides: list[str]) -> ServeSpec:
+def cmd_eval(args) -> int:
+    """Re-score a finished run and rewrite RUN/eval/ (report.json, report.md, plots)."""
+    from raydistill.eval.stage import run_eval_stage
+    from raydistill.jobs.pipeline import init_ray
+    from raydistill.models import resolve_model
+
+    run_dir = Path(args.run_dir).resolve()
+    if not (run_dir / "spec.yaml").exists() or not (run_dir / "student" / "config.json").exists():
+        raise SpecError([f"{args.run_dir}: not a finished run directory (needs spec.yaml and student/)"])
+    spec = load_spec(run_dir / "spec.yaml", args.set)
+    init_ray(spec.runtime)
+    out = run_eval_stage(spec.eval, spec.train.max_seq_len, str(run_dir / "student"), resolve_model(spec.teacher.model),
+                         str(run_dir / "signals"), str(run_dir), spec.teacher.engine_args, spec.teacher.cpu_kv_cache_gib)
+    print(f"Report: {Path(out['report']).with_suffix('.md')}")
+    return 0
+
+
+def _serve_spec(overrides: list[str], base: dict | None = None) -> ServeSpec:
     from pydantic import ValidationError
 
     bad = [o for o in overrides if not o.startswith("serve.")]
     if bad:
         raise SpecError([f"--set {o}: raydistill serve only accepts serve.* keys" for o in bad])
-    raw = apply_overrides({}, [o.removeprefix("serve.") for o in overrides])
+    raw = apply_overrides(dict(base or {}), [o.removeprefix("serve.") for o in overrides])
     try:
         return ServeSpec.model_validate(raw)
     except ValidationError as err:
         raise SpecError(["serve." + line for line in format_validation_error(err)]) from None
 
 
+def _explicit_model_id(overrides: list[str]) -> str | None:
+    from raydistill.spec import parse_override
+
+    ids = [parse_override(o)[1] for o in overrides if o.startswith("serve.model_id=")]
+    return str(ids[-1]) if ids else None
+
+
 def cmd_serve(args) -> int:
+    if args.status or args.stop:
+        if args.paths or args.teacher or args.detach:
+            raise SpecError(["serve --status/--stop: give no PATH, --teacher or --detach"])
+        serve = _serve_spec(args.set)
+        return _serve_status(serve, args.address) if args.status else _serve_stop(serve, args.address)
+    if not args.paths:
+        raise SpecError(["serve: give at least one PATH (a run directory, a student directory or a job spec)"])
+    from raydistill.serving.targets import base_serve_section, resolve_source, served_models
+
+    sources = [resolve_source(p) for p in args.paths]
+    serve = _serve_spec(args.set, base_serve_section(sources))
+    models = served_models(sources, _explicit_model_id(args.set), args.teacher)
+    from raydistill.serving.app import api_key_from_env
+
+    key = api_key_from_env(serve)  # read before anything starts, so a missing key fails fast
+    if args.detach:
+        return _serve_detached(models, serve, key, args)
+    return _serve_foreground(models, serve, key, args)
+
+
+def _announce(models, serve: ServeSpec, base: str) -> None:
+    from raydistill.serving.app import curl_example
+
+    print(f"\nServing {', '.join(repr(m.model_id) for m in models)} at {base}/v1  (app '{serve.app_name}')")
+    for m in models:
+        print(f"  {m.model_id:20s} {m.path}")
+    if serve.api_key_env:
+        print(f"Clients must send 'Authorization: Bearer <key>', the key in ${serve.api_key_env}.")
+    elif serve.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serve.host={serve.host} exposes the app beyond this machine without an API key (set serve.api_key_env)", file=sys.stderr)
+    print("Try it:")
+    print(curl_example(base, models[0].model_id, serve.api_key_env), flush=True)
+
+
+def _digest(key):
+    from raydistill.serving.guard import key_digest
+
+    return key_digest(key) if key else None
+
+
+def _serve_foreground(models, serve: ServeSpec, key, args) -> int:
     import signal
     import time
 
     import ray
 
-    from raydistill.serving.app import start_app, student_dir_of
+    from raydistill.serving.app import deploy
 
-    serve = _serve_spec(args.set)
-    model_path = student_dir_of(args.path)
-    model_id = serve.model_id or Path(args.path.rstrip("/")).name
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False)
-    print(f"Starting the OpenAI-compatible app for {model_path} ...", flush=True)
-    base = start_app(model_path, model_id, serve)
-    print(f"\nServing model '{model_id}' at {base}/v1")
-    print(f"  curl {base}/v1/completions -H 'Content-Type: application/json' \\")
-    print(f"       -d '{{\"model\": \"{model_id}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'")
+    if args.address:
+        ray.init(address=args.address)
+    else:
+        ray.init(num_cpus=args.num_cpus, include_dashboard=False, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    print(f"Starting the OpenAI-compatible app for {len(models)} model(s) ...", flush=True)
+    base = deploy(models, serve, _digest(key))
+    _announce(models, serve, base)
     print("Press Ctrl-C to stop.", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
@@ -110,7 +173,117 @@ def cmd_serve(args) -> int:
     except KeyboardInterrupt:
         from ray import serve as ray_serve
 
-        ray_serve.shutdown()
+        if args.address:
+            ray_serve.delete(serve.app_name)
+        else:
+            ray_serve.shutdown()
+    return 0
+
+
+def _connect(address: str) -> None:
+    import ray
+
+    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+
+
+def _serve_detached(models, serve: ServeSpec, key, args) -> int:
+    import ray
+
+    from raydistill.serving import lifecycle
+    from raydistill.serving.app import deploy
+
+    head = None
+    address = args.address
+    if not address:
+        previous = lifecycle.read_state(serve.app_name)
+        if previous and previous.get("head"):
+            raise SpecError([f"serve --detach: app '{serve.app_name}' already runs on a local head started by raydistill; "
+                             f"`raydistill serve --stop` first, or pick another --set serve.app_name"])
+        print(f"Starting a local Ray head ({args.num_cpus} logical CPUs) that outlives this command ...", flush=True)
+        head = lifecycle.start_local_head(args.num_cpus)
+        address = head["address"]
+    try:
+        _connect(address)
+        print(f"Deploying the OpenAI-compatible app for {len(models)} model(s) on {address} ...", flush=True)
+        base = deploy(models, serve, _digest(key))
+    except BaseException:
+        if head:
+            lifecycle.stop_local_head(head)
+        raise
+    lifecycle.write_state(serve.app_name, {
+        "app_name": serve.app_name, "address": address, "base_url": base, "api_key_env": serve.api_key_env,
+        "models": {m.model_id: m.path for m in models}, "head": head,
+    })
+    ray.shutdown()  # disconnects; Serve keeps the app running on the cluster
+    _announce(models, serve, base)
+    print(f"Detached. Check it with `raydistill serve --status`, remove it with `raydistill serve --stop`"
+          + ("" if head is None else f" (which also stops the local head at {address})") + ".", flush=True)
+    return 0
+
+
+def _address_for(serve: ServeSpec, address: str | None) -> tuple[str | None, dict | None]:
+    from raydistill.serving import lifecycle
+
+    state = lifecycle.read_state(serve.app_name)
+    if address:
+        return address, state if state and state.get("address") == address else None
+    if state:
+        return state["address"], state
+    return None, None
+
+
+def _serve_status(serve: ServeSpec, address: str | None) -> int:
+    from ray import serve as ray_serve
+
+    address, state = _address_for(serve, address)
+    if address is None:
+        print(f"app '{serve.app_name}': no detached app recorded here; pass --address to ask a cluster")
+        return 1
+    try:
+        _connect(address)
+    except Exception as err:  # a head that died leaves only the state file behind
+        print(f"app '{serve.app_name}': cannot reach Ray at {address} ({type(err).__name__}: {err})")
+        return 1
+    app = ray_serve.status().applications.get(serve.app_name)
+    if app is None:
+        print(f"app '{serve.app_name}': not deployed on {address}")
+        return 1
+    print(f"app '{serve.app_name}': {app.status} on {address}" + (f"  {state['base_url']}/v1" if state else ""))
+    if app.message:
+        print(f"  {app.message}")
+    for name, dep in app.deployments.items():
+        replicas = ", ".join(f"{n} {s}" for s, n in sorted(dep.replica_states.items()))
+        print(f"  {name:40s} {dep.status:10s} {replicas}")
+    return 0
+
+
+def _serve_stop(serve: ServeSpec, address: str | None) -> int:
+    from ray import serve as ray_serve
+
+    from raydistill.serving import lifecycle
+
+    address, state = _address_for(serve, address)
+    if address is None:
+        print(f"app '{serve.app_name}': no detached app recorded here; pass --address to stop it on a cluster")
+        return 1
+    head = (state or {}).get("head")
+    try:
+        _connect(address)
+        if serve.app_name in ray_serve.status().applications:
+            ray_serve.delete(serve.app_name)
+            print(f"app '{serve.app_name}': deleted from {address}")
+        else:
+            print(f"app '{serve.app_name}': not deployed on {address}")
+        import ray
+
+        ray.shutdown()
+    except ConnectionError as err:
+        if head is None:
+            raise SpecError([f"serve --stop: cannot reach Ray at {address}: {err}"]) from None
+    if head:
+        lifecycle.stop_local_head(head)
+        print(f"stopped the local Ray head at {address}")
+    lifecycle.clear_state(serve.app_name)
     return 0
 
 
@@ -199,9 +372,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", help=f"comma-separated subset of {','.join(STAGES)}")
     p.set_defaults(func=cmd_run)
 
-    p = with_set(sub.add_parser("serve", help="serve a student (or a run's student) over an OpenAI-compatible API"))
-    p.add_argument("path", help="a student directory or a run directory")
-    p.add_argument("--num-cpus", type=int, default=8, help="logical CPUs for the local Ray")
+    p = with_set(sub.add_parser("eval", help="re-score a finished run and regenerate RUN/eval/"))
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_eval)
+
+    p = with_set(sub.add_parser("serve", help="serve students (and their teacher) over one OpenAI-compatible API"))
+    p.add_argument("paths", nargs="*", metavar="PATH", help="run directories, student (model) directories or job specs")
+    p.add_argument("--teacher", nargs="?", const="auto", metavar="MODEL",
+                   help="also serve a teacher, as model 'teacher': the first run's own teacher, or MODEL (a directory or tiny:teacher)")
+    p.add_argument("--num-cpus", type=int, default=8, help="logical CPUs for a local Ray")
+    p.add_argument("--address", default=None, help="Ray cluster to deploy on (host:port, ray://host:10001 or auto); default: a local Ray")
+    p.add_argument("--detach", action="store_true", help="leave the app running after this command exits (a local head is started if no --address)")
+    p.add_argument("--status", action="store_true", help="show the detached app (serve.app_name) and its replicas")
+    p.add_argument("--stop", action="store_true", help="delete the detached app (and the local head raydistill started for it)")
     p.set_defaults(func=cmd_serve)
 
     def with_address(p):

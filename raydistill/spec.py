@@ -296,6 +296,40 @@ class RuntimeSpec(_Section):
     num_cpus: int = Field(
         8,
         ge=1,
+    app_name: str = Field("raydistill", min_length=1, description="Name of the Ray Serve application; `raydistill serve --status/--stop` act on it.")
+    api_key_env: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description=(
+            "Name of the environment variable that holds the API key. When set, every route answers 401 without "
+            "`Authorization: Bearer <key>`. Only the name is stored in specs; the key itself never leaves the serving CLI "
+            "(replicas receive its SHA-256 digest)."
+        ),
+    )
+    max_tokens: int = Field(1024, ge=1, description="Largest max_tokens (or max_completion_tokens) a request may ask for; also the default when a chat request gives none.")
+    max_prompt_chars: int = Field(32000, ge=1, description="Largest prompt a request may send, in characters (all prompts, or all message contents, together; a token id counts as one).")
+    max_n: int = Field(4, ge=1, description="Largest n (completions per prompt) a request may ask for.")
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas per served model; 0 lets Serve scale an idle model to zero.")
+    max_replicas: int = Field(1, ge=1, description="Most replicas per served model that Serve's autoscaler may start.")
+    target_ongoing_requests: float = Field(8.0, gt=0, description="Ongoing requests per replica that Serve's autoscaler aims for.")
+    max_ongoing_requests: int = Field(64, ge=1, description="Requests one replica accepts at once; more wait in Serve's queue.")
+    replica_resources: dict[str, float] = Field(
+        default_factory=lambda: {"CPU": 1.0},
+        description="Ray resources of one replica's vLLM engine (its placement-group bundle), e.g. {GPU: 1, CPU: 4} on a GPU cluster.",
+    )
+
+    @model_validator(mode="after")
+    def _serve_cross_checks(self) -> "ServeSpec":
+        errors = []
+        if self.max_replicas < self.min_replicas:
+            errors.append(f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})")
+        if self.max_ongoing_requests < self.target_ongoing_requests:
+            errors.append(f"max_ongoing_requests ({self.max_ongoing_requests}) is below target_ongoing_requests ({self.target_ongoing_requests})")
+        if not self.replica_resources or any(v <= 0 for v in self.replica_resources.values()):
+            errors.append(f"replica_resources ({self.replica_resources}) must name at least one resource, each above 0")
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
         description="Logical CPUs for a local Ray. More than the physical cores is intended: Serve, Data and Train actors each reserve one.",
     )
     shared_storage: bool = Field(

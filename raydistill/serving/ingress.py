@@ -1,0 +1,68 @@
+"""ray.serve.llm's OpenAI ingress with an API key and request limits in front of it.
+
+What the library lacked (ray 2.60): ``build_openai_app`` has no authentication and no per-request
+limits, and its ingress class hook (``ingress_cls_config``) cannot add middleware, because the
+FastAPI app is created inside the builder. So ``build_guarded_app`` composes the same graph the
+builder does (``build_llm_deployment`` per model + ``make_fastapi_ingress``), passing its own
+FastAPI app: the library's (its error handling, request ids and metrics, from ``init``) with
+``ApiKeyMiddleware`` outermost. ``GuardedIngress`` only adds the limit checks before handing
+each request to ``OpenAiIngress`` unchanged, so routing, streaming (SSE), model listing and the
+404 for an unknown model stay the library's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import Request
+from ray.serve.llm.ingress import OpenAiIngress
+from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
+from starlette.responses import JSONResponse, Response
+
+from raydistill.serving.guard import ApiKeyMiddleware, Limits, check_chat, check_completion, error_body
+
+
+def _reject(param: str, message: str) -> JSONResponse:
+    return JSONResponse(error_body(message, code=400, param=param), status_code=400)
+
+
+class GuardedIngress(OpenAiIngress):
+    def __init__(self, llm_deployments: dict, model_cards: dict, *, limits: Limits, **kwargs: Any):
+        super().__init__(llm_deployments, model_cards, **kwargs)
+        self._limits = limits
+
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        problem = check_completion(body, self._limits)
+        if problem:
+            return _reject(*problem)
+        return await super().completions(body, request)
+
+    async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
+        problem = check_chat(body, self._limits)
+        if problem:
+            return _reject(*problem)
+        if body.max_tokens is None and body.max_completion_tokens is None:
+            # vLLM's default is "the rest of the context"; the server's cap is the documented default.
+            body.max_tokens = self._limits.max_tokens
+        return await super().chat(body, request)
+
+
+def build_guarded_app(llm_configs: list, limits: Limits, key_sha256: str | None):
+    """The OpenAI app over ``llm_configs`` (one ``LLMServer`` deployment each), guarded."""
+    from ray import serve
+    from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
+    from ray.llm._internal.serve.core.ingress.ingress import init as init_fastapi_app
+    from ray.serve.llm import build_llm_deployment
+    from ray.serve.llm.ingress import make_fastapi_ingress
+
+    app = init_fastapi_app()
+    if key_sha256 is not None:
+        # Added last, so Starlette runs it first: nothing (not even a 404) answers without the key.
+        app.add_middleware(ApiKeyMiddleware, key_sha256=key_sha256)
+    options = GuardedIngress.get_deployment_options(llm_configs)
+    ingress = make_fastapi_ingress(GuardedIngress, app=app)
+    return serve.deployment(ingress, **options).bind(
+        llm_deployments={c.model_id: build_llm_deployment(c) for c in llm_configs},
+        model_cards={c.model_id: to_model_metadata(c.model_id, c) for c in llm_configs},
+        limits=limits,
+    )

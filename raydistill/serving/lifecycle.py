@@ -1,0 +1,138 @@
+"""Where a detached app lives, and how ``serve --status`` / ``serve --stop`` find it again.
+
+``serve --detach`` needs a Ray that outlives the CLI. Given ``--address`` (or ``$RAY_ADDRESS``)
+it deploys there. Otherwise it starts a local head of its own: ``ray start --head --block`` as a
+child in a new session, in a private temp dir and on a free port. A private temp dir matters:
+Ray records the "current cluster" in its temp dir, and a head in the default ``/tmp/ray``
+would make every later ``ray.init()`` on this machine join it instead of starting its own.
+The state file (one per app name, under the raydistill cache) keeps the address, the
+head's pid and a marker in its processes' environment, so ``--stop`` ends exactly those
+processes, never another Ray on the machine. It holds no secret: the API key is never stored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+MARKER_VAR = "RAYDISTILL_SERVE_HEAD"
+
+
+def state_path(app_name: str) -> Path:
+    from raydistill.models import cache_dir
+
+    return cache_dir() / "serve" / f"{app_name}.json"
+
+
+def read_state(app_name: str) -> dict | None:
+    try:
+        return json.loads(state_path(app_name).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_state(app_name: str, state: dict) -> None:
+    path = state_path(app_name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(state, indent=2))
+
+
+def clear_state(app_name: str) -> None:
+    state_path(app_name).unlink(missing_ok=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def head_env(marker: str | None = None) -> dict[str, str]:
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("RAY_ADDRESS", None)
+    if marker:
+        env[MARKER_VAR] = marker
+    return env
+
+
+def start_local_head(num_cpus: int, timeout_s: float = 120.0) -> dict:
+    """Start a private local head; return its record for the state file."""
+    bin_dir = Path(sys.executable).parent
+    ray_bin = bin_dir / "ray" if (bin_dir / "ray").exists() else "ray"
+    # Short path: Ray's unix socket paths under the temp dir must fit in 107 bytes.
+    temp_dir = tempfile.mkdtemp(prefix="rds-", dir="/tmp")
+    marker = uuid.uuid4().hex
+    port = _free_port()
+    log = open(Path(temp_dir) / "head.log", "w")
+    proc = subprocess.Popen(
+        [str(ray_bin), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}", f"--num-cpus={num_cpus}",
+         f"--temp-dir={temp_dir}", "--include-dashboard=false", "--disable-usage-stats"],
+        env=head_env(marker), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+    )
+    address_file = Path(temp_dir) / "ray_current_cluster"
+    deadline = time.monotonic() + timeout_s
+    while not address_file.exists():
+        if proc.poll() is not None:
+            raise RuntimeError(f"`ray start --head` exited with {proc.returncode}; see {log.name}")
+        if time.monotonic() > deadline:
+            _terminate(proc.pid, marker)
+            raise TimeoutError(f"the local Ray head did not start within {timeout_s:.0f}s; see {log.name}")
+        time.sleep(0.5)
+    return {"address": f"127.0.0.1:{port}", "pid": proc.pid, "marker": marker, "temp_dir": temp_dir}
+
+
+def _marked_pids(marker: str) -> list[int]:
+    needle = f"{MARKER_VAR}={marker}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if needle in (entry / "environ").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return pids
+
+
+def _terminate(pid: int, marker: str, timeout_s: float = 30.0) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)  # `ray start --block` stops its node's processes on SIGTERM
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.5)
+    for straggler in ([pid] if _alive(pid) else []) + _marked_pids(marker):
+        try:
+            os.kill(straggler, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of ours has exited; reap it so it does not count as alive.
+    try:
+        return os.waitpid(pid, os.WNOHANG) == (0, 0)
+    except ChildProcessError:
+        return True
+
+
+def stop_local_head(head: dict) -> None:
+    import shutil
+
+    _terminate(head["pid"], head["marker"])
+    shutil.rmtree(head["temp_dir"], ignore_errors=True)

@@ -1,0 +1,101 @@
+"""GuardedIngress without Ray: fake model handles stand in for the LLMServer deployments."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from fastapi import HTTPException
+from starlette.requests import Request
+
+from raydistill.serving.guard import Limits
+
+LIMITS = Limits(max_tokens=64, max_prompt_chars=100, max_n=2)
+
+
+class FakeHandle:
+    """Mimics ``DeploymentHandle.options(stream=True).completions.remote(...)`` returning one response."""
+
+    def __init__(self, response):
+        self.response, self.bodies = response, []
+
+    def options(self, **_):
+        return self
+
+    @property
+    def completions(self):
+        return self
+
+    chat = completions
+
+    def remote(self, body, raw_request_info):
+        self.bodies.append(body)
+
+        async def gen():
+            yield self.response
+
+        return gen()
+
+
+def _request() -> Request:
+    return Request({"type": "http", "method": "POST", "path": "/v1/completions", "headers": [], "query_string": b""})
+
+
+def _ingress(response=None):
+    from ray.serve.llm.openai_api_models import CompletionResponse
+
+    from raydistill.serving.ingress import GuardedIngress
+
+    response = response or CompletionResponse.model_validate({
+        "id": "c1", "model": "m", "created": 0,
+        "choices": [{"index": 0, "text": "hello", "finish_reason": "length"}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    })
+    handle = FakeHandle(response)
+    card = {"id": "m", "object": "model", "owned_by": "raydistill", "permission": [], "metadata": {}}
+    from ray.llm._internal.serve.core.configs.openai_api_models import ModelCard
+
+    return GuardedIngress({"m": handle}, {"m": ModelCard.model_validate(card)}, limits=LIMITS), handle
+
+
+def _run(coro):
+    return asyncio.run(coro)
+
+
+def test_within_limits_reaches_the_model():
+    from ray.serve.llm.openai_api_models import CompletionRequest
+
+    ingress, handle = _ingress()
+    resp = _run(ingress.completions(CompletionRequest(model="m", prompt="hi", max_tokens=8), _request()))
+    assert resp.status_code == 200 and json.loads(resp.body)["choices"][0]["text"] == "hello"
+    assert len(handle.bodies) == 1
+
+
+def test_beyond_limits_is_400_before_the_model():
+    from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
+
+    ingress, handle = _ingress()
+    resp = _run(ingress.completions(CompletionRequest(model="m", prompt="hi", max_tokens=65), _request()))
+    body = json.loads(resp.body)
+    assert resp.status_code == 400 and body["error"]["param"] == "max_tokens" and "serve.max_tokens" in body["error"]["message"]
+    resp = _run(ingress.chat(ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], n=3), _request()))
+    assert resp.status_code == 400 and json.loads(resp.body)["error"]["param"] == "n"
+    assert handle.bodies == []
+
+
+def test_chat_without_max_tokens_gets_the_server_cap():
+    from ray.serve.llm.openai_api_models import ChatCompletionRequest
+
+    ingress, handle = _ingress()
+    _run(ingress.chat(ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}]), _request()))
+    assert handle.bodies[0].max_tokens == LIMITS.max_tokens
+
+
+def test_unknown_model_is_404():
+    from ray.serve.llm.openai_api_models import CompletionRequest
+
+    ingress, _ = _ingress()
+    with pytest.raises(HTTPException) as err:
+        _run(ingress.completions(CompletionRequest(model="other", prompt="hi", max_tokens=4), _request()))
+    assert err.value.status_code == 404
