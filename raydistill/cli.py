@@ -180,9 +180,11 @@ def _serve_foreground(models, serve: ServeSpec, key, args) -> int:
     return 0
 
 
-def _connect(address: str) -> None:
+def _connect(address: str, own_head: bool = False) -> None:
     import ray
 
+    if own_head:  # the head raydistill started runs with token auth (see serving/lifecycle.py)
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     ray.init(address=address, logging_level="ERROR", log_to_driver=False)
 
 
@@ -203,7 +205,7 @@ def _serve_detached(models, serve: ServeSpec, key, args) -> int:
         head = lifecycle.start_local_head(args.num_cpus)
         address = head["address"]
     try:
-        _connect(address)
+        _connect(address, own_head=head is not None)
         print(f"Deploying the OpenAI-compatible app for {len(models)} model(s) on {address} ...", flush=True)
         base = deploy(models, serve, _digest(key))
     except BaseException:
@@ -235,12 +237,18 @@ def _address_for(serve: ServeSpec, address: str | None) -> tuple[str | None, dic
 def _serve_status(serve: ServeSpec, address: str | None) -> int:
     from ray import serve as ray_serve
 
+    from raydistill.serving import lifecycle
+
     address, state = _address_for(serve, address)
     if address is None:
         print(f"app '{serve.app_name}': no detached app recorded here; pass --address to ask a cluster")
         return 1
+    head = (state or {}).get("head")
+    if head and not lifecycle.head_alive(head):
+        print(f"app '{serve.app_name}': its local Ray head (pid {head['pid']}) is gone; `raydistill serve --stop` clears the record")
+        return 1
     try:
-        _connect(address)
+        _connect(address, own_head=head is not None)
     except Exception as err:  # a head that died leaves only the state file behind
         print(f"app '{serve.app_name}': cannot reach Ray at {address} ({type(err).__name__}: {err})")
         return 1
@@ -267,19 +275,22 @@ def _serve_stop(serve: ServeSpec, address: str | None) -> int:
         print(f"app '{serve.app_name}': no detached app recorded here; pass --address to stop it on a cluster")
         return 1
     head = (state or {}).get("head")
-    try:
-        _connect(address)
-        if serve.app_name in ray_serve.status().applications:
-            ray_serve.delete(serve.app_name)
-            print(f"app '{serve.app_name}': deleted from {address}")
-        else:
-            print(f"app '{serve.app_name}': not deployed on {address}")
-        import ray
+    if head and not lifecycle.head_alive(head):
+        print(f"app '{serve.app_name}': its local Ray head (pid {head['pid']}) is gone already")
+    else:
+        try:
+            _connect(address, own_head=head is not None)
+            if serve.app_name in ray_serve.status().applications:
+                ray_serve.delete(serve.app_name)
+                print(f"app '{serve.app_name}': deleted from {address}")
+            else:
+                print(f"app '{serve.app_name}': not deployed on {address}")
+            import ray
 
-        ray.shutdown()
-    except ConnectionError as err:
-        if head is None:
-            raise SpecError([f"serve --stop: cannot reach Ray at {address}: {err}"]) from None
+            ray.shutdown()
+        except Exception as err:  # still stop our own head below, which takes the app with it
+            if head is None:
+                raise SpecError([f"serve --stop: cannot reach Ray at {address}: {type(err).__name__}: {err}"]) from None
     if head:
         lifecycle.stop_local_head(head)
         print(f"stopped the local Ray head at {address}")

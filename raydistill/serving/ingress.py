@@ -10,8 +10,7 @@ each request to ``OpenAiIngress`` unchanged, so routing, streaming (SSE), model 
 404 for an unknown model stay the library's.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI reads the endpoint annotations at route build time.
 from typing import Any
 
 from fastapi import Request

@@ -58,6 +58,9 @@ def _free_port() -> int:
 def head_env(marker: str | None = None) -> dict[str, str]:
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("RAY_ADDRESS", None)
+    # Token authentication on, unless the user explicitly chose otherwise: the head's ports are
+    # reachable by every user of this machine. Ray keeps the token in ~/.ray/auth_token.
+    env.setdefault("RAY_AUTH_MODE", "token")
     if marker:
         env[MARKER_VAR] = marker
     return env
@@ -129,6 +132,10 @@ def _alive(pid: int) -> bool:
         return os.waitpid(pid, os.WNOHANG) == (0, 0)
     except ChildProcessError:
         return True
+
+
+def head_alive(head: dict) -> bool:
+    return _alive(head["pid"])
 
 
 def stop_local_head(head: dict) -> None:

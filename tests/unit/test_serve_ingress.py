@@ -99,3 +99,27 @@ def test_unknown_model_is_404():
     with pytest.raises(HTTPException) as err:
         _run(ingress.completions(CompletionRequest(model="other", prompt="hi", max_tokens=4), _request()))
     assert err.value.status_code == 404
+
+
+def test_the_fastapi_app_routes_to_guarded_methods_and_checks_the_key():
+    """The app ``build_guarded_app`` deploys, minus Serve: key check first, then the library's JSON errors."""
+    from ray.llm._internal.serve.core.ingress.ingress import init
+    from ray.serve.llm.ingress import make_fastapi_ingress
+    from starlette.testclient import TestClient
+
+    from raydistill.serving.guard import ApiKeyMiddleware, key_digest
+    from raydistill.serving.ingress import GuardedIngress
+
+    app = init()
+    app.add_middleware(ApiKeyMiddleware, key_sha256=key_digest("k"))
+    make_fastapi_ingress(GuardedIngress, app=app)
+    routes = {r.path: r.endpoint.__qualname__ for r in app.routes if hasattr(r, "endpoint")}
+    assert routes["/v1/completions"] == "GuardedIngress.completions" and routes["/v1/chat/completions"] == "GuardedIngress.chat"
+
+    client = TestClient(app, raise_server_exceptions=False)
+    for method, path in (("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("GET", "/nope")):
+        resp = client.request(method, path, headers={"Authorization": "Bearer wrong"})
+        assert resp.status_code == 401 and resp.json()["error"]["code"] == 401, path
+    # Malformed JSON is refused while parsing the body, before any model is involved.
+    resp = client.post("/v1/completions", content=b'{"model": ', headers={"Authorization": "Bearer k", "Content-Type": "application/json"})
+    assert resp.status_code == 400 and "JSON decode error" in resp.json()["error"]["message"]
