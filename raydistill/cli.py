@@ -110,6 +110,10 @@ def _explicit_model_id(overrides: list[str]) -> str | None:
 
 
 def cmd_serve(args) -> int:
+    if not args.address and (args.detach or args.status or args.stop):
+        # The local head raydistill starts runs with token auth (serving/lifecycle.py). Ray reads
+        # the mode when it is first imported, so it is set before anything here imports ray.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     if args.status or args.stop:
         if args.paths or args.teacher or args.detach:
             raise SpecError(["serve --status/--stop: give no PATH, --teacher or --detach"])
@@ -180,11 +184,9 @@ def _serve_foreground(models, serve: ServeSpec, key, args) -> int:
     return 0
 
 
-def _connect(address: str, own_head: bool = False) -> None:
+def _connect(address: str) -> None:
     import ray
 
-    if own_head:  # the head raydistill started runs with token auth (see serving/lifecycle.py)
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
     ray.init(address=address, logging_level="ERROR", log_to_driver=False)
 
 
@@ -205,7 +207,7 @@ def _serve_detached(models, serve: ServeSpec, key, args) -> int:
         head = lifecycle.start_local_head(args.num_cpus)
         address = head["address"]
     try:
-        _connect(address, own_head=head is not None)
+        _connect(address)
         print(f"Deploying the OpenAI-compatible app for {len(models)} model(s) on {address} ...", flush=True)
         base = deploy(models, serve, _digest(key))
     except BaseException:
@@ -248,7 +250,7 @@ def _serve_status(serve: ServeSpec, address: str | None) -> int:
         print(f"app '{serve.app_name}': its local Ray head (pid {head['pid']}) is gone; `raydistill serve --stop` clears the record")
         return 1
     try:
-        _connect(address, own_head=head is not None)
+        _connect(address)
     except Exception as err:  # a head that died leaves only the state file behind
         print(f"app '{serve.app_name}': cannot reach Ray at {address} ({type(err).__name__}: {err})")
         return 1
@@ -279,7 +281,7 @@ def _serve_stop(serve: ServeSpec, address: str | None) -> int:
         print(f"app '{serve.app_name}': its local Ray head (pid {head['pid']}) is gone already")
     else:
         try:
-            _connect(address, own_head=head is not None)
+            _connect(address)
             if serve.app_name in ray_serve.status().applications:
                 ray_serve.delete(serve.app_name)
                 print(f"app '{serve.app_name}': deleted from {address}")

@@ -76,7 +76,9 @@ def start_local_head(num_cpus: int, timeout_s: float = 120.0) -> dict:
     port = _free_port()
     log = open(Path(temp_dir) / "head.log", "w")
     proc = subprocess.Popen(
-        [str(ray_bin), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}", f"--num-cpus={num_cpus}",
+        # No --node-ip-address=127.0.0.1: drivers rewrite a loopback address to the node's IP
+        # before connecting, so a head bound to loopback only would be unreachable for them.
+        [str(ray_bin), "start", "--head", "--block", f"--port={port}", f"--num-cpus={num_cpus}",
          f"--temp-dir={temp_dir}", "--include-dashboard=false", "--disable-usage-stats"],
         env=head_env(marker), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
     )

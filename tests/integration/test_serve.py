@@ -1,0 +1,242 @@
+"""The served app, driven with the official ``openai`` client, plus a bounded load test.
+
+One app (the tiny student behind the guarded ray.serve.llm OpenAI ingress, with an API key)
+is started once for this module and shut down after it, so that later tests in the session
+can start Serve on ports of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+MODEL = "tiny-student"
+KEY_ENV = "RAYDISTILL_TEST_SERVE_KEY"
+KEY = "test-key-7f3a9c"  # a test-only secret; the app receives only its digest
+LIMITS = {"max_tokens": 64, "max_prompt_chars": 2000, "max_n": 2}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cli(*args: str, env: dict, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "raydistill.cli", "serve", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_detach_then_curl_with_key_then_stop(model_paths, tmp_path):
+    """`serve --detach` on its own local head; the key works, no key is 401; --status; --stop removes it all.
+
+    First in this module, before the module's app exists, so the two Serve instances never overlap.
+    """
+    student = tmp_path / "run-detached" / "student"
+    shutil.copytree(model_paths[1], student)
+    port = _free_port()
+    env = {**os.environ, KEY_ENV: KEY, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    sets = ["--set", f"serve.port={port}", "--set", f"serve.api_key_env={KEY_ENV}", "--set", "serve.app_name=rd-detach-test",
+            "--set", "serve.engine_args={max_model_len: 512, enforce_eager: true}"]
+    up = _cli(str(student.parent), "--detach", *sets, env=env, timeout=400)
+    try:
+        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+        assert f"http://127.0.0.1:{port}/v1" in up.stdout and f"Bearer ${KEY_ENV}" in up.stdout
+        assert KEY not in up.stdout + up.stderr  # the key itself is never printed
+        base = f"http://127.0.0.1:{port}"
+        # The CLI has exited; the app answers on its own.
+        status, payload = _raw(base, "/v1/completions", json.dumps({"model": "run-detached", "prompt": "hi", "max_tokens": 4}).encode())
+        assert status == 200 and payload["choices"][0]["text"] is not None
+        assert _raw(base, "/v1/models", None, key=None)[0] == 401
+        shown = _cli("--status", "--set", "serve.app_name=rd-detach-test", env=env, timeout=120)
+        assert shown.returncode == 0 and "RUNNING" in shown.stdout, shown.stdout + shown.stderr
+    finally:
+        down = _cli("--stop", "--set", "serve.app_name=rd-detach-test", env=env, timeout=180)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert "deleted" in down.stdout and "stopped the local Ray head" in down.stdout
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5)
+    after = _cli("--status", "--set", "serve.app_name=rd-detach-test", env=env, timeout=60)
+    assert after.returncode == 1
+
+
+@pytest.fixture(scope="module")
+def served(ray_local, model_paths):
+    """Base URL of one running app serving the builtin tiny student as MODEL."""
+    from ray import serve as ray_serve
+
+    from raydistill.serving.app import deploy
+    from raydistill.serving.guard import key_digest
+    from raydistill.serving.targets import Served
+    from raydistill.spec import ServeSpec
+
+    serve = ServeSpec(
+        port=_free_port(), api_key_env=KEY_ENV, engine_args={"max_model_len": 512, "enforce_eager": True},
+        max_ongoing_requests=32, target_ongoing_requests=16, **LIMITS,
+    )
+    base = deploy([Served(MODEL, model_paths[1])], serve, key_digest(KEY))
+    yield base
+    ray_serve.shutdown()
+
+
+def _client(base: str, key: str = KEY):
+    import openai
+
+    # No retries: a 5xx must show up as one, not be papered over.
+    return openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def _raw(base: str, path: str, body: bytes | None, key: str | None = KEY) -> tuple[int, dict]:
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    req = urllib.request.Request(base + path, data=body, headers=headers, method="POST" if body is not None else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+def test_lists_the_model(served):
+    ids = [m.id for m in _client(served).models.list().data]
+    assert ids == [MODEL]
+
+
+def test_completion(served):
+    out = _client(served).completions.create(model=MODEL, prompt="the quiet forest", max_tokens=8, temperature=0.0)
+    assert out.model == MODEL and len(out.choices) == 1 and isinstance(out.choices[0].text, str)
+    assert 1 <= out.usage.completion_tokens <= 8
+
+
+def test_chat_completion(served):
+    out = _client(served).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Describe the river."}], max_tokens=8)
+    assert out.choices[0].message.role == "assistant" and isinstance(out.choices[0].message.content, str)
+    assert 1 <= out.usage.completion_tokens <= 8
+
+
+def test_chat_streams_sse_chunks(served):
+    stream = _client(served).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Tell me about the hills."}], max_tokens=8, stream=True,
+    )
+    chunks = list(stream)
+    assert len(chunks) >= 2
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert isinstance(text, str)
+    assert any(c.choices and c.choices[0].finish_reason for c in chunks)
+
+
+def test_completion_streams(served):
+    chunks = list(_client(served).completions.create(model=MODEL, prompt="a small town", max_tokens=6, stream=True, temperature=0.0))
+    assert len(chunks) >= 2 and all(c.model == MODEL for c in chunks)
+
+
+def test_wrong_or_missing_key_is_401_on_every_route(served):
+    import openai
+
+    with pytest.raises(openai.AuthenticationError):
+        _client(served, key="not-the-key").models.list()
+    with pytest.raises(openai.AuthenticationError):
+        _client(served, key="not-the-key").completions.create(model=MODEL, prompt="hi", max_tokens=2)
+    for path, body in (("/v1/models", None), ("/v1/completions", b"{}"), ("/v1/chat/completions", b"{}"), ("/no/such/route", None)):
+        status, payload = _raw(served, path, body, key=None)
+        assert status == 401, path
+        assert payload["error"]["type"] == "authentication_error"
+
+
+def test_requests_beyond_the_limits_are_400_and_say_why(served):
+    import openai
+
+    client = _client(served)
+    with pytest.raises(openai.BadRequestError, match="max_tokens is 1000.*at most 64"):
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=1000)
+    with pytest.raises(openai.BadRequestError, match="max_prompt_chars"):
+        client.completions.create(model=MODEL, prompt="x" * 5000, max_tokens=4)
+    with pytest.raises(openai.BadRequestError, match="n is 5"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4, n=5)
+    with pytest.raises(openai.BadRequestError, match="max_completion_tokens"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_completion_tokens=500)
+
+
+def test_malformed_json_is_400(served):
+    status, payload = _raw(served, "/v1/completions", b'{"model": "tiny-student", "prompt": ')
+    assert status == 400 and "error" in payload
+    status, payload = _raw(served, "/v1/completions", json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": "lots"}).encode())
+    assert status == 400 and "error" in payload
+
+
+def test_unknown_model_is_404(served):
+    import openai
+
+    with pytest.raises(openai.NotFoundError):
+        _client(served).completions.create(model="no-such-model", prompt="hi", max_tokens=2)
+    with pytest.raises(openai.NotFoundError):
+        _client(served).chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+
+
+def test_load_16_clients_for_20s_no_5xx(served):
+    """16 concurrent clients for 20 s on loopback, mixing routes, streaming and bad requests."""
+    import openai
+
+    duration_s, clients = 20.0, 16
+    outcomes: dict[str, int] = {}
+    problems: list[str] = []
+
+    def note(kind: str) -> None:
+        outcomes[kind] = outcomes.get(kind, 0) + 1
+
+    async def one_client(i: int) -> None:
+        client = openai.AsyncOpenAI(base_url=f"{served}/v1", api_key=KEY, max_retries=0, timeout=120)
+        deadline = time.monotonic() + duration_s
+        j = 0
+        while time.monotonic() < deadline:
+            j += 1
+            kind = ("completion", "chat", "stream", "too_long")[(i + j) % 4]
+            try:
+                if kind == "completion":
+                    out = await client.completions.create(model=MODEL, prompt=f"the forest {i} {j}", max_tokens=8)
+                    ok = len(out.choices) == 1 and isinstance(out.choices[0].text, str) and out.usage.completion_tokens >= 1
+                elif kind == "chat":
+                    out = await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"river {j}"}], max_tokens=8)
+                    ok = isinstance(out.choices[0].message.content, str) and out.usage.completion_tokens >= 1
+                elif kind == "stream":
+                    chunks = [c async for c in await client.chat.completions.create(
+                        model=MODEL, messages=[{"role": "user", "content": "hills"}], max_tokens=6, stream=True)]
+                    ok = len(chunks) >= 2 and any(c.choices and c.choices[0].finish_reason for c in chunks)
+                else:
+                    await client.completions.create(model=MODEL, prompt="hi", max_tokens=10_000)
+                    ok = False  # must have been refused
+                if not ok:
+                    problems.append(f"{kind}: malformed response")
+                note(f"{kind}:ok")
+            except openai.APIStatusError as err:
+                if err.status_code >= 500:
+                    problems.append(f"{kind}: {err.status_code} {err.message[:200]}")
+                elif not (kind == "too_long" and err.status_code == 400):
+                    problems.append(f"{kind}: unexpected {err.status_code}")
+                note(f"{kind}:{err.status_code}")
+            except openai.APIConnectionError as err:
+                problems.append(f"{kind}: connection error {err}")
+        await client.close()
+
+    async def main() -> None:
+        await asyncio.gather(*(one_client(i) for i in range(clients)))
+
+    asyncio.run(main())
+    assert not problems, problems[:10]
+    assert sum(v for k, v in outcomes.items() if k.endswith(":ok")) >= clients, outcomes
+    # The server still answers after the load.
+    assert _client(served).models.list().data[0].id == MODEL
