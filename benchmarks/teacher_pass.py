@@ -54,8 +54,8 @@ def raydistill_stage(model_ref: str, model: str, prompts: list[str], engine_args
     corpus = work / "prompts.jsonl"
     corpus.write_text("".join(json.dumps({"id": f"p{i}", "prompt": p}) + "\n" for i, p in enumerate(prompts)))
     data = DataSpec(path=str(corpus), eval_fraction=0.0)
-    teacher = TeacherSpec(model=model_ref, engine_args=engine_args, batch_size=64)
-    tp = TeacherPassSpec(mode="generate", top_k=k, sampling=SamplingSpec(**sampling))
+    teacher = TeacherSpec(model=model_ref, engine_args={**engine_args, "max_logprobs": 64}, batch_size=64)
+    tp = TeacherPassSpec(mode="generate", top_k=k, sampling=SamplingSpec(**sampling, seed=0))
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     try:
         t0 = time.perf_counter()
@@ -115,14 +115,17 @@ def main() -> int:
 
     model = resolve_model(args.model)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    engine_args = {"max_model_len": 512, "enforce_eager": True, "dtype": "float32", "max_logprobs": 64, "logprobs_mode": "raw_logprobs"}
-    sampling = {"max_tokens": args.max_tokens, "temperature": 1.0, "top_p": 1.0, "seed": 0}
+    # The same engine settings on both paths: the stage adds max_logprobs, raw logprobs and the
+    # engine-wide seed from its spec, so the bare engine gets them explicitly.
+    engine_args = {"max_model_len": 512, "enforce_eager": True, "dtype": "float32"}
+    bare_engine_args = {**engine_args, "max_logprobs": 64, "logprobs_mode": "raw_logprobs", "seed": 0}
+    sampling = {"max_tokens": args.max_tokens, "temperature": 1.0, "top_p": 1.0}
     prompts = _prompts(args.prompts)
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         ray_s, ray_tokens = raydistill_stage(args.model, model, prompts, engine_args, sampling, args.k, work)
-        bare_s, bare_tokens, outs, llm = bare_vllm(model, prompts, engine_args, {**sampling, "logprobs": args.k})
+        bare_s, bare_tokens, outs, llm = bare_vllm(model, prompts, bare_engine_args, {**sampling, "logprobs": args.k})
         storage = {k: storage_at_k(llm, prompts, outs, k, work) for k in (8, 32, 50)}
 
     bare_tps, ray_tps = bare_tokens / bare_s, ray_tokens / ray_s

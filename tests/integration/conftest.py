@@ -21,7 +21,8 @@ def ray_local():
 @pytest.fixture(scope="session")
 def tiny_spec(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
-    return load_spec(ROOT / "configs" / "tiny.yaml", [f"runtime.run_dir={run_dir}", f"data.path={ROOT / 'configs/data/tiny_prompts.jsonl'}"])
+    return load_spec(ROOT / "configs" / "tiny.yaml", [f"runtime.run_dir={run_dir}", f"data.path={ROOT / 'configs/data/tiny_prompts.jsonl'}",
+                                                      "eval.measure_speed=true", "eval.side_by_side=2", "eval.speed_prompts=4"])
 
 
 @pytest.fixture(scope="session")

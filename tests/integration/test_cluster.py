@@ -191,7 +191,7 @@ def test_submit_tiny_follows_to_succeeded(tmp_path):
     with local_cluster(head_cpus=6, side_cpus=2, object_store_mb=400) as cluster:
         # Both nodes share this machine's filesystem, so the run_dir is shared storage.
         result = cluster.cli("submit", "configs/tiny.yaml", "--set", f"runtime.run_dir={run_dir}",
-                             "--set", "runtime.shared_storage=true", "--follow", timeout=1200)
+                             "--set", "runtime.shared_storage=true", "--set", "train.max_steps=3", "--follow", timeout=1200)
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
         assert "SUCCEEDED" in result.stderr
         manifest = json.loads((run_dir / "manifest.json").read_text())

