@@ -258,12 +258,15 @@ def _serve_status(serve: ServeSpec, address: str | None) -> int:
     if app is None:
         print(f"app '{serve.app_name}': not deployed on {address}")
         return 1
-    print(f"app '{serve.app_name}': {app.status} on {address}" + (f"  {state['base_url']}/v1" if state else ""))
+    def plain(x) -> str:  # Serve's statuses are str enums
+        return str(getattr(x, "value", x))
+
+    print(f"app '{serve.app_name}': {plain(app.status)} on {address}" + (f"  {state['base_url']}/v1" if state else ""))
     if app.message:
         print(f"  {app.message}")
     for name, dep in app.deployments.items():
-        replicas = ", ".join(f"{n} {s}" for s, n in sorted(dep.replica_states.items()))
-        print(f"  {name:40s} {dep.status:10s} {replicas}")
+        replicas = ", ".join(f"{n} {plain(s)}" for s, n in dep.replica_states.items())
+        print(f"  {name:40s} {plain(dep.status):10s} replicas: {replicas or 'none'}")
     return 0
 
 
