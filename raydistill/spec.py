@@ -241,7 +241,7 @@ class TrainSpec(_Section):
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
     lr: float = Field(1e-3, gt=0.0, description="Peak learning rate (AdamW).")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
-    warmup_steps: int = Field(0, ge=0, description="Optimizer steps of linear warmup from 0 to `lr`.")
+    warmup_steps: int = Field(0, ge=0, description="Optimizer steps of linear warmup from 0 to `lr` (DeepSpeed's schedulers warm up over at least 2 steps).")
     lr_schedule: Literal["constant", "linear_decay"] = Field(
         "linear_decay",
         description="After warmup: 'constant' keeps `lr` (DeepSpeed WarmupLR); 'linear_decay' decays it linearly to 0 at the last step (WarmupDecayLR).",

@@ -27,7 +27,8 @@ def deep_merge(base: dict, override: dict) -> dict:
 def _scheduler(train: TrainSpec, total_steps: int) -> dict:
     # DeepSpeed steps its own scheduler once per optimizer step, so step counts need no scaling
     # by grad_accum, and the schedule is saved and restored with the engine's checkpoint.
-    warmup = min(train.warmup_steps, total_steps)
+    # DeepSpeed rejects 0 warmup steps (and treats anything below 2 as 2).
+    warmup = max(1, min(train.warmup_steps, total_steps))
     params: dict[str, Any] = {
         "warmup_min_lr": 0.0,
         "warmup_max_lr": train.lr,

@@ -1,13 +1,20 @@
 """Train stage: Ray Train ``TorchTrainer`` workers running a DeepSpeed engine on teacher signals.
 
-The driver side (``run_train_stage``) builds the trainer; ``train_loop_per_worker`` is what each
-worker runs. Workers receive only the typed sub-specs they need (``TrainSpec``, ``DistillSpec``).
+The driver side (``run_train_stage``) prepares the student, writes the DeepSpeed config and
+builds the trainer; ``train_loop_per_worker`` is what each worker runs. Workers receive only
+the typed sub-specs they need (``TrainSpec``, ``DistillSpec``).
+
+Checkpoints: every ``train.checkpoint_every`` steps each rank saves its part of a DeepSpeed
+checkpoint into a local temp dir and reports it; Ray Train merges the ranks' directories into
+one ``RUN/checkpoints/train/checkpoint_*`` (the multi-worker pattern of its distributed
+checkpointing guide). After a worker dies, Ray Train restarts the group (``max_failures``) and
+``ray.train.get_checkpoint()`` hands back the latest one; a re-run of an interrupted job finds
+the same storage and resumes from it too. The last checkpoint also holds the HF export.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -15,9 +22,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from raydistill.spec import DistillSpec, TrainSpec
+from raydistill.distill.dsconfig import deepspeed_config, uses_client_optimizer
+from raydistill.spec import DistillSpec, StudentSpec, TrainSpec
 
+EXPORT_DIR = "student"
 EXPORT_METRICS_FILE = "train_metrics.jsonl"
+REFERENCE_LOGITS_FILE = "reference_logits.pt"
+DS_TAG = "ds"
 
 
 @dataclass(frozen=True)
@@ -28,21 +39,10 @@ class TrainInputs:
     distill: DistillSpec
     student_path: str
     total_steps: int
-
-
-def deepspeed_config(train: TrainSpec) -> dict:
-    """The DeepSpeed config generated from the spec (saved as ``RUN/train/deepspeed.json``)."""
-    return {
-        "train_micro_batch_size_per_gpu": train.micro_batch_size,
-        "gradient_accumulation_steps": train.grad_accum,
-        "train_batch_size": train.micro_batch_size * train.grad_accum * train.workers,
-        "gradient_clipping": 1.0,
-        "zero_optimization": {"stage": train.zero_stage, "stage3_gather_16bit_weights_on_model_save": True},
-        "bf16": {"enabled": train.use_gpu},
-        # The optimizer is torch's AdamW: DeepSpeed's fused Adam needs CUDA.
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 1 << 30,
-    }
+    ds_config: dict
+    freeze_embeddings: bool = False
+    # Local directory for the live progress log and TensorBoard, or None (object-store run dirs).
+    log_dir: str | None = None
 
 
 def total_steps(train: TrainSpec, n_train_rows: int) -> int:
@@ -50,20 +50,24 @@ def total_steps(train: TrainSpec, n_train_rows: int) -> int:
     if train.max_steps is not None:
         return train.max_steps
     rows_per_worker = n_train_rows // train.workers
-    micro_per_epoch = math.ceil(rows_per_worker / train.micro_batch_size)
+    micro_per_epoch = -(-rows_per_worker // train.micro_batch_size)
     return max(1, train.epochs * micro_per_epoch // train.grad_accum)
 
 
-def _micro_batches(shard, train: TrainSpec, pad_id: int):
+def _micro_batches(shard, train: TrainSpec, pad_id: int, skip: int = 0):
     """Collated micro-batches, cycling over the shard for as many epochs as the step count needs.
 
     Every rank draws exactly ``total_steps * grad_accum`` micro-batches, so all ranks agree on the
-    number of collective steps even when shards end at different batch boundaries.
+    number of collective steps even when shards end at different batch boundaries. The first
+    ``skip`` micro-batches (consumed before a resume) are drawn and dropped uncollated.
     """
     from raydistill.data.signals import collate
 
     while True:
         for rows in shard.iter_batches(batch_size=train.micro_batch_size, batch_format="numpy"):
+            if skip:
+                skip -= 1
+                continue
             yield collate(rows, train.max_seq_len, pad_id)
 
 
@@ -73,8 +77,199 @@ def _to_tensors(batch: dict, device):
     return {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
 
 
+def reference_batch(vocab_size: int, seed: int):
+    """A fixed [2, 16] batch of token ids on which export fidelity is checked."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (2, 16), generator=g)
+
+
+def build_model(inputs: TrainInputs):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from raydistill.distill.init import freeze_embeddings
+
+    model = AutoModelForCausalLM.from_pretrained(inputs.student_path, dtype=torch.float32)
+    if getattr(model.config.get_text_config(), "final_logit_softcapping", None):
+        # The chunked loss applies the LM head itself and would silently skip the softcap.
+        raise NotImplementedError(f"{inputs.student_path}: final_logit_softcapping is not supported by the chunked loss")
+    model.config.use_cache = False
+    if inputs.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if inputs.freeze_embeddings:
+        freeze_embeddings(model)
+    return model
+
+
+def build_engine(model, inputs: TrainInputs):
+    import deepspeed
+    import torch
+
+    optimizer = None
+    if uses_client_optimizer(inputs.ds_config):
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=inputs.train.lr, weight_decay=inputs.train.weight_decay)
+    # Every rank loads the full model before DeepSpeed partitions it; for students too large for
+    # one host's memory, deepspeed.zero.Init would be needed at load time.
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        model_parameters=None if optimizer else [p for p in model.parameters() if p.requires_grad],
+        config=inputs.ds_config,
+        dist_init_required=False,
+    )
+    engine.train()
+    if engine.lr_scheduler is not None:
+        # DeepSpeed's warmup schedulers set the minimum lr at construction and return it again
+        # on their first step(), so two optimizer steps would run at lr 0; advance once so step
+        # n runs at iteration n-1. A resumed run overwrites this with the checkpoint's state.
+        engine.lr_scheduler.step()
+    return engine
+
+
+def restore(engine) -> tuple[int, list[dict]]:
+    """Load the latest reported checkpoint, if any. Returns (completed steps, metric history)."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0, []
+    with checkpoint.as_directory() as d:
+        path, client = engine.load_checkpoint(d, tag=DS_TAG)
+    if path is None:
+        raise RuntimeError(f"checkpoint {checkpoint.path} holds no DeepSpeed state")
+    return int(client["step"]), list(client["history"])
+
+
+def _zero3_balance_chunks(lm_head, n_targets: int, chunk_tokens: int, device):
+    """A zero-valued loss term that runs the LM head on as many extra chunks as this rank lacks.
+
+    Under ZeRO-3 every call of a module gathers its parameters (and its backward reduces their
+    gradients), a collective. Ranks hold different numbers of target tokens, hence different
+    numbers of loss chunks, so the rank with fewer must call the head as often as the one with
+    the most, or the collectives mismatch and gloo/NCCL abort or hang.
+    """
+    import torch
+    import torch.distributed as dist
+
+    mine = -(-n_targets // chunk_tokens)
+    most = torch.tensor(mine, device=device)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    extra = torch.zeros((), device=device)
+    for _ in range(int(most.item()) - mine):
+        dummy = torch.zeros(1, lm_head.in_features, device=device, dtype=lm_head.weight.dtype)
+        # Checkpointed like the real chunks, so forward and recompute gather the same way.
+        out = torch.utils.checkpoint.checkpoint(lambda h: lm_head(h).float().sum(), dummy, use_reentrant=False)
+        extra = extra + 0.0 * out
+    return extra
+
+
+def train_step(engine, micro: list[dict], distill: DistillSpec, chunk_tokens: int, world: int):
+    """One optimizer step over ``grad_accum`` micro-batches.
+
+    Returns (loss, kd, ce, global target tokens, grad norm before clipping or None).
+    """
+    import torch
+    import torch.distributed as dist
+
+    from raydistill.distill.losses import chunked_distill_loss_sums, loss_params
+
+    device = micro[0]["targets"].device
+    # The one normalization: the mean over every target token of the global batch (all ranks,
+    # all accumulated micro-batches). DeepSpeed divides gradients by world * grad_accum, so
+    # each micro-batch's token sum is scaled back by that factor over the global count.
+    count = torch.tensor(float(sum(m["targets"].numel() for m in micro)), device=device)
+    dist.all_reduce(count)
+    scale = world * len(micro) / count.clamp_min(1.0)
+    sums = torch.zeros(3, device=device)
+    model = engine.module
+    grad_norm = None
+    for i, m in enumerate(micro):
+        hidden = model.base_model(input_ids=m["input_ids"], attention_mask=m["attention_mask"]).last_hidden_state
+        pos = m["pred_pos"]
+        total, kd, ce = chunked_distill_loss_sums(
+            hidden[pos[:, 0], pos[:, 1]],
+            model.get_output_embeddings(),
+            m["targets"],
+            m["topk_ids"],
+            m["topk_logprobs"],
+            loss=distill.loss,
+            ce_weight=distill.ce_weight,
+            temperature=distill.temperature,
+            chunk_tokens=chunk_tokens,
+            loss_params=loss_params(distill),
+        )
+        if engine.zero_optimization_stage() == 3:
+            total = total + _zero3_balance_chunks(model.get_output_embeddings(), pos.shape[0], chunk_tokens, device)
+        engine.backward(total * scale)
+        if i == len(micro) - 1 and engine.zero_optimization_stage() == 0:
+            # Without ZeRO, DeepSpeed clips with torch and keeps no norm; the gradients are
+            # already all-reduced after the boundary backward, so every rank sees the global norm.
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            if grads:
+                grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+        engine.step()
+        sums += torch.stack([total.detach(), kd.detach(), ce.detach()])
+    dist.all_reduce(sums)
+    loss, kd, ce = (sums / count.clamp_min(1.0)).tolist()
+    if grad_norm is None and engine.get_global_grad_norm() is not None:
+        grad_norm = float(engine.get_global_grad_norm())
+    return loss, kd, ce, int(count.item()), grad_norm
+
+
+class MetricsLog:
+    """Rank 0's per-step output: console, the live ``progress.jsonl`` and optional TensorBoard.
+
+    ``progress.jsonl`` is append-only across restarts (a resumed attempt repeats the steps after
+    its checkpoint, marked by a ``resumed_from`` event). ``metrics.jsonl`` holds the final
+    history, one record per optimizer step, and is written by the driver at the end.
+    """
+
+    def __init__(self, rank: int, log_dir: str | None, tensorboard: bool, total: int):
+        self.active = rank == 0
+        self.total = total
+        self.progress = None
+        self.tb = None
+        if self.active and log_dir:
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+            self.progress = open(Path(log_dir) / "progress.jsonl", "a")
+            if tensorboard:
+                from tensorboardX import SummaryWriter
+
+                self.tb = SummaryWriter(str(Path(log_dir) / "tensorboard"))
+
+    def event(self, record: dict) -> None:
+        if self.progress:
+            self.progress.write(json.dumps(record) + "\n")
+            self.progress.flush()
+
+    def step(self, record: dict) -> None:
+        if not self.active:
+            return
+        self.event(record)
+        if self.tb:
+            for key in ("loss", "kd", "ce", "tokens_per_s", "lr", "grad_norm"):
+                if record.get(key) is not None:
+                    self.tb.add_scalar(f"train/{key}", record[key], record["step"])
+            self.tb.flush()
+        gn = record["grad_norm"]
+        print(
+            f"[train] step {record['step']}/{self.total} loss {record['loss']:.4f} (kd {record['kd']:.4f}, ce {record['ce']:.4f}) "
+            f"lr {record['lr']:.2e} grad_norm {'-' if gn is None else f'{gn:.3f}'} {record['tokens_per_s']:.0f} tok/s",
+            flush=True,
+        )
+
+    def close(self) -> None:
+        if self.progress:
+            self.progress.close()
+        if self.tb:
+            self.tb.close()
+
+
 def _export(engine, tokenizer, zero_stage: int, rank: int, out_dir: str) -> None:
-    """Save a plain HF directory (safetensors + tokenizer) from the trained engine."""
+    """Save a plain HF directory (safetensors, config, generation config, tokenizer) from the engine."""
     # Under ZeRO-3 each rank holds a slice of every parameter; gathering is a collective.
     state = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else engine.module.state_dict()
     if rank == 0:
@@ -82,14 +277,44 @@ def _export(engine, tokenizer, zero_stage: int, rank: int, out_dir: str) -> None
         tokenizer.save_pretrained(out_dir)
 
 
-def train_loop_per_worker(config: dict) -> None:
-    import deepspeed
+def _reference_logits(engine, seed: int):
+    """[2, 16, V] logits of the in-training model on ``reference_batch`` (all ranks: ZeRO-3 gathers)."""
+    import torch
+
+    model = engine.module
+    ids = reference_batch(model.config.get_text_config().vocab_size, seed).to(engine.device)
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.float().cpu()
+    model.train()
+    return ids.cpu(), logits
+
+
+def save_checkpoint(engine, step: int, history: list[dict], inputs: TrainInputs, rank: int, final: bool, tokenizer) -> None:
+    """Every rank saves its part of the DeepSpeed state (plus, when ``final``, the HF export) and reports it."""
     import ray.train
     import torch
-    import torch.distributed as dist
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from raydistill.distill.losses import chunked_distill_loss_sums, loss_params
+    with tempfile.TemporaryDirectory() as tmp:
+        engine.save_checkpoint(tmp, tag=DS_TAG, client_state={"step": step, "history": history})
+        if final:
+            ids, logits = _reference_logits(engine, inputs.train.seed)
+            _export(engine, tokenizer, inputs.train.zero_stage, rank, os.path.join(tmp, EXPORT_DIR))
+        if rank == 0:
+            # The checkpoint explains itself: which settings produced it.
+            meta = {"step": step, "total_steps": inputs.total_steps, "train": inputs.train.model_dump(mode="json"),
+                    "distill": inputs.distill.model_dump(mode="json"), "student_init": inputs.student_path}
+            Path(tmp, "raydistill_checkpoint.json").write_text(json.dumps(meta, indent=2))
+            if final:
+                torch.save({"input_ids": ids, "logits": logits}, os.path.join(tmp, REFERENCE_LOGITS_FILE))
+                Path(tmp, EXPORT_METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in history))
+        ray.train.report(history[-1] if history else {"step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    import torch
+    from transformers import AutoTokenizer
 
     inputs: TrainInputs = config["inputs"]
     train, distill = inputs.train, inputs.distill
@@ -102,80 +327,87 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
 
     tokenizer = AutoTokenizer.from_pretrained(inputs.student_path)
-    model = AutoModelForCausalLM.from_pretrained(inputs.student_path, dtype=torch.float32)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=0.0)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=deepspeed_config(train), dist_init_required=False
-    )
-    engine.train()
+    engine = build_engine(build_model(inputs), inputs)
+    start, history = restore(engine)
+    log = MetricsLog(rank, inputs.log_dir, train.tensorboard, inputs.total_steps)
+    if inputs.log_dir:
+        # Which process is which rank, for py-spy, kill tests and post-mortems.
+        workers = Path(inputs.log_dir) / "workers"
+        workers.mkdir(parents=True, exist_ok=True)
+        (workers / f"rank{rank}.json").write_text(json.dumps({"pid": os.getpid(), "node_ip": ray.util.get_node_ip_address(), "start_step": start}))
+    if start:
+        log.event({"event": "resumed_from", "step": start})
+        if rank == 0:
+            print(f"[train] resumed from the checkpoint at step {start}", flush=True)
 
-    batches = _micro_batches(ray.train.get_dataset_shard("train"), train, tokenizer.pad_token_id)
-    history = []
-    for step in range(1, inputs.total_steps + 1):
+    batches = _micro_batches(ray.train.get_dataset_shard("train"), train, tokenizer.pad_token_id, skip=start * train.grad_accum)
+    for step in range(start + 1, inputs.total_steps + 1):
         t0 = time.perf_counter()
+        lr = engine.get_lr()[0]  # the rate this step applies; the scheduler advances after it
         micro = [_to_tensors(next(batches), device) for _ in range(train.grad_accum)]
-        # The one normalization: the mean over every target token of the global batch (all ranks,
-        # all accumulated micro-batches). DeepSpeed divides gradients by world * grad_accum, so
-        # each micro-batch's token sum is scaled back by that factor over the global count.
-        count = torch.tensor(float(sum(m["targets"].numel() for m in micro)), device=device)
-        dist.all_reduce(count)
-        scale = world * train.grad_accum / count.clamp_min(1.0)
-        sums = torch.zeros(3, device=device)
-        for m in micro:
-            hidden = engine.module.model(input_ids=m["input_ids"], attention_mask=m["attention_mask"]).last_hidden_state
-            pos = m["pred_pos"]
-            total, kd, ce = chunked_distill_loss_sums(
-                hidden[pos[:, 0], pos[:, 1]],
-                engine.module.lm_head,
-                m["targets"],
-                m["topk_ids"],
-                m["topk_logprobs"],
-                loss=distill.loss,
-                ce_weight=distill.ce_weight,
-                temperature=distill.temperature,
-                loss_params=loss_params(distill),
-            )
-            engine.backward(total * scale)
-            engine.step()
-            sums += torch.stack([total.detach(), kd.detach(), ce.detach()])
-        dist.all_reduce(sums)
-        loss, kd, ce = (sums / count.clamp_min(1.0)).tolist()
+        loss, kd, ce, tokens, grad_norm = train_step(engine, micro, distill, train.loss_chunk_tokens, world)
+        seconds = time.perf_counter() - t0
         record = {
             "step": step,
             "loss": loss,
             "kd": kd,
             "ce": ce,
-            "tokens": int(count.item()),
-            "tokens_per_s": count.item() / (time.perf_counter() - t0),
-            "lr": engine.get_lr()[0],
+            "kd_weighted": (1.0 - distill.ce_weight) * kd,
+            "ce_weighted": distill.ce_weight * ce,
+            "tokens": tokens,
+            "tokens_per_s": tokens / seconds,
+            "step_s": seconds,
+            "lr": lr,
+            "grad_norm": grad_norm,
         }
         history.append(record)
-        if rank == 0:
-            print(
-                f"[train] step {step}/{inputs.total_steps} loss {loss:.4f} (kd {kd:.4f}, ce {ce:.4f}) "
-                f"{record['tokens_per_s']:.0f} tok/s",
-                flush=True,
-            )
-
-    with tempfile.TemporaryDirectory() as tmp:
-        _export(engine, tokenizer, train.zero_stage, rank, tmp)
-        checkpoint = None
-        if rank == 0:
-            with open(os.path.join(tmp, EXPORT_METRICS_FILE), "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in history)
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(history[-1], checkpoint=checkpoint)
+        log.step(record)
+        if step % train.checkpoint_every == 0 and step < inputs.total_steps:
+            save_checkpoint(engine, step, history, inputs, rank, final=False, tokenizer=tokenizer)
+    save_checkpoint(engine, inputs.total_steps, history, inputs, rank, final=True, tokenizer=tokenizer)
+    log.close()
 
 
-def run_train_stage(train: TrainSpec, distill: DistillSpec, student_path: str, signals_dir: str, run_dir: str) -> dict:
-    """Train the student on ``split == train`` signals; export it to ``RUN/student``. Returns the stage outputs."""
-    import ray.data
-    from ray.train import RunConfig, ScalingConfig
+def check_export(student_dir: str, reference_path: str) -> float:
+    """Max |logit difference| between the exported model and the in-training model on the reference batch."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ref = torch.load(reference_path)
+    model = AutoModelForCausalLM.from_pretrained(student_dir).eval()
+    with torch.no_grad():
+        logits = model(input_ids=ref["input_ids"]).logits.float()
+    return float((logits - ref["logits"]).abs().max())
+
+
+def run_train_stage(
+    train: TrainSpec,
+    distill: DistillSpec,
+    student_path: str | None,
+    signals_dir: str,
+    run_dir: str,
+    *,
+    student: StudentSpec | None = None,
+    teacher_path: str | None = None,
+) -> dict:
+    """Train the student on ``split == train`` signals; export it to ``RUN/student``. Returns the stage outputs.
+
+    ``student`` (with ``teacher_path``) selects the initialization; without it ``student_path``
+    is used as a pretrained start.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from transformers import AutoTokenizer
 
     from raydistill.data.signals import check_tokenizer_matches, read_signals
+    from raydistill.distill.init import prepare_student
 
+    if student is not None and student.init == "prune_from_teacher":
+        if teacher_path is None:
+            raise ValueError("student.init 'prune_from_teacher' needs the teacher's path")
+        student_path = prepare_student(student, teacher_path, student_path, run_dir)
+    if student_path is None:
+        raise ValueError("student.model: required when student.init is 'pretrained'")
     check_tokenizer_matches(signals_dir, AutoTokenizer.from_pretrained(student_path))
     train_ds = read_signals(signals_dir, split="train")
     n_rows = train_ds.count()
@@ -184,27 +416,51 @@ def run_train_stage(train: TrainSpec, distill: DistillSpec, student_path: str, s
     steps = total_steps(train, n_rows)
     train_dir = Path(run_dir) / "train"
     train_dir.mkdir(parents=True, exist_ok=True)
-    (train_dir / "deepspeed.json").write_text(json.dumps(deepspeed_config(train), indent=2))
+    ds_config = deepspeed_config(train, steps)
+    (train_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=2))
     print(f"[train] {n_rows} training sequences, {train.workers} workers, ZeRO-{train.zero_stage}, {steps} steps", flush=True)
 
+    inputs = TrainInputs(
+        train=train,
+        distill=distill,
+        student_path=student_path,
+        total_steps=steps,
+        ds_config=ds_config,
+        freeze_embeddings=bool(student and student.freeze_embeddings),
+        log_dir=None if "://" in run_dir else str(train_dir),
+    )
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"inputs": TrainInputs(train=train, distill=distill, student_path=student_path, total_steps=steps)},
+        train_loop_config={"inputs": inputs},
         scaling_config=ScalingConfig(num_workers=train.workers, use_gpu=train.use_gpu),
         torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
         datasets={"train": train_ds},
-        run_config=RunConfig(name="train", storage_path=str(Path(run_dir) / "checkpoints")),
+        # Same name and storage on a re-run: Ray Train restores its checkpoint manager from there
+        # and get_checkpoint() returns the interrupted run's latest checkpoint.
+        run_config=RunConfig(
+            name="train",
+            storage_path=str(Path(run_dir) / "checkpoints"),
+            failure_config=FailureConfig(max_failures=train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=train.checkpoints_to_keep),
+        ),
     )
     result = trainer.fit()
     student_dir = Path(run_dir) / "student"
     if student_dir.exists():
         shutil.rmtree(student_dir)
-    result.checkpoint.to_directory(str(student_dir))
-    shutil.move(str(student_dir / EXPORT_METRICS_FILE), str(train_dir / "metrics.jsonl"))
+    with result.checkpoint.as_directory() as ckpt:
+        shutil.copytree(Path(ckpt) / EXPORT_DIR, student_dir)
+        shutil.copy(Path(ckpt) / EXPORT_METRICS_FILE, train_dir / "metrics.jsonl")
+        shutil.copy(Path(ckpt) / REFERENCE_LOGITS_FILE, train_dir / REFERENCE_LOGITS_FILE)
+    export_diff = check_export(str(student_dir), str(train_dir / REFERENCE_LOGITS_FILE))
+    print(f"[train] exported {student_dir}; max |logit diff| vs the in-training model: {export_diff:.2e}", flush=True)
     return {
         "student_dir": str(student_dir),
+        "student_init": student_path,
         "metrics": str(train_dir / "metrics.jsonl"),
+        "checkpoint": result.checkpoint.path,
         "steps": steps,
         "train_rows": n_rows,
         "final_loss": result.metrics["loss"] if result.metrics else None,
+        "export_max_logit_diff": export_diff,
     }

@@ -86,7 +86,7 @@ def run_pipeline(spec: JobSpec, stages: list[str] | None = None) -> dict:
             if name == "teacher":
                 out.update(run_teacher_stage(spec.data, spec.teacher, spec.teacher_pass, teacher_path, str(signals_dir)))
             elif name == "train":
-                out.update(run_train_stage(spec.train, spec.distill, student_path, str(signals_dir), str(run_dir)))
+                out.update(run_train_stage(spec.train, spec.distill, student_path, str(signals_dir), str(run_dir), student=spec.student, teacher_path=teacher_path))
             elif name == "eval":
                 out.update(run_eval_stage(spec.eval, spec.train.max_seq_len, str(student_dir), teacher_path, str(signals_dir), str(run_dir)))
             elif name == "serve-check":

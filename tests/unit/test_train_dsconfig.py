@@ -12,6 +12,7 @@ def test_defaults_on_cpu():
     assert c["train_batch_size"] == 24 and c["gradient_accumulation_steps"] == 3
     assert c["zero_optimization"] == {"stage": 2}
     assert c["bf16"] == {"enabled": False} and c["gradient_clipping"] == 1.0
+    assert deepspeed_config(TrainSpec(), total_steps=10)["scheduler"]["params"]["warmup_num_steps"] == 1
     assert c["scheduler"] == {"type": "WarmupDecayLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 1e-3, "warmup_num_steps": 5,
                                                                    "warmup_type": "linear", "total_num_steps": 100}}
     assert uses_client_optimizer(c) and c["zero_allow_untested_optimizer"]

@@ -1,0 +1,174 @@
+"""The trainer on a local Ray with real DeepSpeed: ZeRO 0/2/3 export fidelity, pruned init, worker-kill recovery.
+
+Signals are made here by teacher-forcing the tiny teacher with transformers (no vLLM), so these
+tests exercise only the train stage.
+"""
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from raydistill.data.signals import LOGPROB_SCALE, SIGNAL_SCHEMA, encode_signals, tokenizer_fingerprint, write_signal_meta
+from raydistill.spec import DistillSpec, StudentSpec, TrainSpec
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+TOP_K = 8
+# fp32 training; the export is the same fp32 weights, so only kernel-order noise remains.
+EXPORT_LOGIT_ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def signals_dir(tmp_path_factory, model_paths):
+    """Score-mode signals: the tiny teacher's top-k over the second half of each corpus prompt."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    teacher_path = model_paths[0]
+    tok = AutoTokenizer.from_pretrained(teacher_path)
+    model = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32).eval()
+    rows = []
+    for line in (ROOT / "configs/data/tiny_prompts.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        ids = tok(rec["prompt"]).input_ids
+        start = len(ids) // 2
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+        top = logp[start - 1 : len(ids) - 1].topk(TOP_K, dim=-1)
+        rows.append({"id": rec["id"], "split": "train", "input_ids": ids, "target_start": start,
+                     "topk_ids": top.indices.tolist(), "topk_logprobs": top.values.float().tolist(),
+                     "prompt": rec["prompt"], "response": ""})
+    out = tmp_path_factory.mktemp("signals")
+    pq.write_table(encode_signals(pa.Table.from_pylist(rows, schema=SIGNAL_SCHEMA)), out / "part-0.parquet")
+    write_signal_meta(out, {"teacher": teacher_path, "tokenizer_fingerprint": tokenizer_fingerprint(tok), "top_k": TOP_K,
+                            "mode": "score", "logprob_scale": LOGPROB_SCALE})
+    return str(out)
+
+
+def _metrics(run_dir):
+    return [json.loads(l) for l in (Path(run_dir) / "train" / "metrics.jsonl").read_text().splitlines()]
+
+
+def _check_export(out, run_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    student_dir = Path(out["student_dir"])
+    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json"):
+        assert (student_dir / name).exists(), name
+    AutoTokenizer.from_pretrained(student_dir)
+    # The in-training model's logits on a fixed batch, saved by rank 0 before export.
+    ref = torch.load(Path(run_dir) / "train" / "reference_logits.pt")
+    model = AutoModelForCausalLM.from_pretrained(student_dir).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ref["input_ids"]).logits, ref["logits"], atol=EXPORT_LOGIT_ATOL, rtol=0)
+    assert out["export_max_logit_diff"] <= EXPORT_LOGIT_ATOL
+    return model
+
+
+@pytest.mark.parametrize(
+    "stage, options",
+    [
+        (0, {"grad_accum": 2}),
+        (2, {"gradient_checkpointing": True, "tensorboard": True}),
+        (3, {"offload_optimizer": True}),
+    ],
+)
+def test_zero_stage_trains_and_exports_exactly(stage, options, ray_local, model_paths, signals_dir, tmp_path):
+    from raydistill.distill.train import run_train_stage
+
+    train = TrainSpec(workers=2, zero_stage=stage, micro_batch_size=4, lr=3e-3, warmup_steps=2, max_steps=4,
+                      checkpoint_every=2, max_seq_len=64, loss_chunk_tokens=16, **options)
+    out = run_train_stage(train, DistillSpec(ce_weight=0.1), model_paths[1], signals_dir, str(tmp_path))
+    model = _check_export(out, tmp_path)
+    from transformers import AutoModelForCausalLM
+
+    start = AutoModelForCausalLM.from_pretrained(model_paths[1]).state_dict()
+    assert any(not torch.equal(p, start[n]) for n, p in model.state_dict().items()), "training changed no weight"
+
+    metrics = _metrics(tmp_path)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    for m in metrics:
+        assert np.isfinite(m["loss"]) and m["kd"] >= 0 and m["ce"] > 0 and m["tokens_per_s"] > 0
+        assert m["loss"] == pytest.approx(m["kd_weighted"] + m["ce_weighted"], rel=1e-5)
+        assert m["grad_norm"] is not None and m["grad_norm"] > 0
+    # DeepSpeed WarmupDecayLR: linear warmup from 0 over 2 steps, peak at step 3, then linear decay.
+    assert [m["lr"] for m in metrics] == pytest.approx([0.0, 1.5e-3, 3e-3, 1.5e-3])
+    ds = json.loads((tmp_path / "train" / "deepspeed.json").read_text())
+    assert ds["zero_optimization"]["stage"] == stage and ds["gradient_accumulation_steps"] == train.grad_accum
+    if options.get("tensorboard"):
+        assert list((tmp_path / "train" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_pruned_student_frozen_embeddings(ray_local, model_paths, signals_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from raydistill.distill.train import run_train_stage
+
+    student = StudentSpec(init="prune_from_teacher", layers=[1], freeze_embeddings=True)
+    train = TrainSpec(workers=1, zero_stage=2, micro_batch_size=4, max_steps=2, max_seq_len=64)
+    out = run_train_stage(train, DistillSpec(), None, signals_dir, str(tmp_path), student=student, teacher_path=model_paths[0])
+    assert out["student_init"] == str(tmp_path / "student_init")
+    model = _check_export(out, tmp_path)
+    assert model.config.num_hidden_layers == 1
+    teacher = AutoModelForCausalLM.from_pretrained(model_paths[0]).state_dict()
+    trained = model.state_dict()
+    assert torch.equal(trained["model.embed_tokens.weight"], teacher["model.embed_tokens.weight"])
+    assert not torch.equal(trained["model.layers.0.mlp.up_proj.weight"], teacher["model.layers.1.mlp.up_proj.weight"])
+
+
+def _kill_one_worker_after(train_dir: Path, step: int, killed: dict, deadline_s: float = 240):
+    """Wait until the live log shows ``step``, then SIGKILL the rank-1 worker process."""
+    progress, pid_file = train_dir / "progress.jsonl", train_dir / "workers" / "rank1.json"
+    end = time.time() + deadline_s
+    while time.time() < end:
+        if progress.exists() and pid_file.exists():
+            steps = [json.loads(l).get("step", 0) for l in progress.read_text().splitlines() if '"loss"' in l]
+            if steps and max(steps) >= step:
+                killed["pid"] = json.loads(pid_file.read_text())["pid"]
+                killed["at_step"] = max(steps)
+                os.kill(killed["pid"], signal.SIGKILL)
+                return
+        time.sleep(0.02)
+
+
+def test_worker_kill_recovers_from_checkpoint(ray_local, model_paths, signals_dir, tmp_path):
+    from raydistill.distill.train import run_train_stage
+
+    total, every = 30, 5
+    train = TrainSpec(workers=2, zero_stage=2, micro_batch_size=4, lr=3e-3, max_steps=total, checkpoint_every=every,
+                      max_failures=2, max_seq_len=64, lr_schedule="constant")
+    killed: dict = {}
+    killer = threading.Thread(target=_kill_one_worker_after, args=(tmp_path / "train", 7, killed), daemon=True)
+    killer.start()
+    out = run_train_stage(train, DistillSpec(ce_weight=0.1), model_paths[1], signals_dir, str(tmp_path))
+    killer.join(timeout=1)
+    assert killed.get("pid"), "the worker was never killed"
+    assert killed["at_step"] < total, "the run finished before the kill landed"
+
+    # Exactly the configured optimizer steps, each once, in the final history.
+    metrics = _metrics(tmp_path)
+    assert [m["step"] for m in metrics] == list(range(1, total + 1)) and out["steps"] == total
+
+    live = [json.loads(l) for l in (tmp_path / "train" / "progress.jsonl").read_text().splitlines()]
+    resumes = [i for i, r in enumerate(live) if r.get("event") == "resumed_from"]
+    assert len(resumes) == 1, "expected exactly one restart"
+    resumed_at = live[resumes[0]]["step"]
+    assert 0 < resumed_at <= killed["at_step"] and resumed_at % every == 0
+    before, after = live[: resumes[0]], [r for r in live[resumes[0] + 1 :] if "loss" in r]
+    # The new attempt continues at the step after the checkpoint, not at step 1...
+    assert after[0]["step"] == resumed_at + 1
+    assert [r["step"] for r in after] == list(range(resumed_at + 1, total + 1))
+    # ...and with the trained weights: its loss is near the pre-kill loss there, far below the first step's.
+    first = before[0]["loss"]
+    pre_kill = {r["step"]: r["loss"] for r in before}
+    assert after[0]["loss"] < first - 0.5 * (first - pre_kill[resumed_at])
+    assert after[0]["loss"] == pytest.approx(pre_kill.get(resumed_at + 1, after[0]["loss"]), rel=0.15)
+    _check_export(out, tmp_path)

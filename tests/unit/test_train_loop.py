@@ -1,0 +1,54 @@
+"""Trainer pieces that need neither Ray nor DeepSpeed: step counts, resumed data order, metrics log."""
+
+import json
+
+import numpy as np
+
+from raydistill.distill.train import MetricsLog, _micro_batches, reference_batch, total_steps
+from raydistill.spec import TrainSpec
+
+
+class FakeShard:
+    """Stands in for a Ray Data shard: each iteration yields the same batches in order."""
+
+    def __init__(self, n_rows: int):
+        self.rows = [{"input_ids": [1, 10 + i, 11 + i], "target_start": 1, "topk_ids": [[5, 6]] * 2, "topk_logprobs": [[-0.5, -1.5]] * 2}
+                     for i in range(n_rows)]
+
+    def iter_batches(self, batch_size, batch_format):
+        for s in range(0, len(self.rows), batch_size):
+            chunk = self.rows[s : s + batch_size]
+            yield {k: np.array([r[k] for r in chunk], dtype=object) for k in chunk[0]}
+
+
+def test_total_steps():
+    assert total_steps(TrainSpec(max_steps=7), 1000) == 7
+    # 10 rows per worker / micro 4 -> 3 micro-batches per epoch; 2 epochs / accum 2 -> 3 steps.
+    assert total_steps(TrainSpec(workers=2, micro_batch_size=4, grad_accum=2, epochs=2), 20) == 3
+
+
+def test_resume_skips_exactly_the_consumed_micro_batches():
+    train = TrainSpec(micro_batch_size=2, max_seq_len=8)
+    full = _micro_batches(FakeShard(5), train, pad_id=0)
+    reference = [next(full)["input_ids"].tolist() for _ in range(8)]  # cycles over the 3 batches of 5 rows
+    resumed = _micro_batches(FakeShard(5), train, pad_id=0, skip=4)
+    assert [next(resumed)["input_ids"].tolist() for _ in range(4)] == reference[4:]
+
+
+def test_reference_batch_is_fixed():
+    a, b = reference_batch(512, 0), reference_batch(512, 0)
+    assert a.shape == (2, 16) and (a == b).all() and int(a.max()) < 512
+
+
+def test_metrics_log_writes_only_on_rank_zero(tmp_path, capsys):
+    record = {"step": 1, "loss": 2.0, "kd": 2.0, "ce": 3.0, "tokens_per_s": 10.0, "lr": 1e-3, "grad_norm": None}
+    MetricsLog(1, str(tmp_path), tensorboard=False, total=3).step(record)
+    assert not (tmp_path / "progress.jsonl").exists()
+    log = MetricsLog(0, str(tmp_path), tensorboard=True, total=3)
+    log.event({"event": "resumed_from", "step": 0})
+    log.step(record)
+    log.close()
+    lines = [json.loads(l) for l in (tmp_path / "progress.jsonl").read_text().splitlines()]
+    assert lines == [{"event": "resumed_from", "step": 0}, record]
+    assert "step 1/3 loss 2.0000" in capsys.readouterr().out
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
