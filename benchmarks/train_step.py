@@ -101,6 +101,7 @@ def _peak_bytes(device: str) -> int:
 
 def loss_memory_child(variant: str, tokens: int, vocab: int, hidden_size: int, chunk_tokens: int, device: str) -> dict:
     """One forward+backward of the loss; runs in its own process so peak memory is its own."""
+    torch.manual_seed(0)  # the same LM head in both subprocesses, so their losses compare
     gen = torch.Generator().manual_seed(0)
     lm_head = torch.nn.Linear(hidden_size, vocab, bias=False).to(device)
     hidden = torch.randn(tokens, hidden_size, generator=gen).to(device).requires_grad_(True)
