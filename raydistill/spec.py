@@ -67,6 +67,10 @@ class TeacherSpec(_Section):
     use_gpu: bool = Field(False, description="Place each engine on GPUs (tensor_parallel_size of them) instead of one CPU bundle.")
     accelerator_type: str | None = Field(None, description="Ray accelerator type for the engines on a cluster, e.g. 'H100' or 'A10G'.")
     cpu_kv_cache_gib: int = Field(1, ge=1, description="KV cache per engine in GiB when vLLM runs on CPU (VLLM_CPU_KVCACHE_SPACE).")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Extra Ray resources each engine's bundle asks for, e.g. {teacher: 1} to pin engines to a node type the autoscaler adds.",
+    )
 
     @field_validator("replicas", mode="before")
     @classmethod
@@ -281,6 +285,10 @@ class TrainSpec(_Section):
 class EvalSpec(_Section):
     enabled: bool = Field(True, description="Run the evaluation stage.")
     batch_size: int = Field(8, ge=1, description="Held-out sequences per scoring batch.")
+    side_by_side: int = Field(4, ge=0, description="Held-out prompts shown with the student's and the teacher's greedy answers in the report.")
+    measure_speed: bool = Field(True, description="Measure generation tokens/s of the student and the teacher on the same vLLM engine settings (the teacher's).")
+    speed_prompts: int = Field(16, ge=1, description="Held-out prompts generated in the speed measurement.")
+    speed_tokens: int = Field(32, ge=1, description="Tokens generated per prompt in the speed measurement (EOS ignored, so both models do equal work).")
 
 
 class ServeSpec(_Section):
@@ -288,14 +296,6 @@ class ServeSpec(_Section):
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of the OpenAI-compatible app.")
     model_id: str | None = Field(None, description="Model id clients ask for; defaults to the run directory's name.")
     engine_args: dict[str, Any] = Field(default_factory=dict, description="Extra vLLM engine arguments for the served student.")
-
-
-class RuntimeSpec(_Section):
-    run_dir: str = Field(description="Directory that holds every artifact of this job (signals, checkpoints, student, eval).")
-    ray_address: str | None = Field(None, description="Ray cluster to join; unset starts a local Ray inside the process.")
-    num_cpus: int = Field(
-        8,
-        ge=1,
     app_name: str = Field("raydistill", min_length=1, description="Name of the Ray Serve application; `raydistill serve --status/--stop` act on it.")
     api_key_env: str | None = Field(
         None,
@@ -330,6 +330,14 @@ class RuntimeSpec(_Section):
         if errors:
             raise ValueError("; ".join(errors))
         return self
+
+
+class RuntimeSpec(_Section):
+    run_dir: str = Field(description="Directory that holds every artifact of this job (signals, checkpoints, student, eval).")
+    ray_address: str | None = Field(None, description="Ray cluster to join; unset starts a local Ray inside the process.")
+    num_cpus: int = Field(
+        8,
+        ge=1,
         description="Logical CPUs for a local Ray. More than the physical cores is intended: Serve, Data and Train actors each reserve one.",
     )
     shared_storage: bool = Field(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import time
@@ -67,8 +68,14 @@ def run_pipeline(spec: JobSpec, stages: list[str] | None = None) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "spec.yaml").write_text(dump_spec(spec))
     manifest = Manifest(run_dir)
-    teacher_path, student_path = resolve_model(spec.teacher.model), resolve_model(spec.student.model)
-    manifest.set_info("models", {"teacher": teacher_path, "student_init": student_path})
+    teacher_path = resolve_model(spec.teacher.model)
+    # A pruned student is built from the teacher by the train stage; there is no path to resolve.
+    student_path = resolve_model(spec.student.model) if spec.student.model else None
+    models = {"teacher": teacher_path, "student_init": student_path or f"{spec.student.init} of the teacher"}
+    builtin_note = Path(teacher_path) / "raydistill_builtin.json"
+    if builtin_note.exists():  # how a builtin teacher was made (e.g. the Gemma GGUF conversion)
+        models["teacher_conversion"] = json.loads(builtin_note.read_text())
+    manifest.set_info("models", models)
     manifest.set_info("versions", _versions())
     signals_dir = run_dir / "signals"
     student_dir = run_dir / "student"
@@ -88,7 +95,8 @@ def run_pipeline(spec: JobSpec, stages: list[str] | None = None) -> dict:
             elif name == "train":
                 out.update(run_train_stage(spec.train, spec.distill, student_path, str(signals_dir), str(run_dir), student=spec.student, teacher_path=teacher_path))
             elif name == "eval":
-                out.update(run_eval_stage(spec.eval, spec.train.max_seq_len, str(student_dir), teacher_path, str(signals_dir), str(run_dir)))
+                out.update(run_eval_stage(spec.eval, spec.train.max_seq_len, str(student_dir), teacher_path, str(signals_dir), str(run_dir),
+                                          spec.teacher.engine_args, spec.teacher.cpu_kv_cache_gib))
             elif name == "serve-check":
                 out.update(serve_check(str(student_dir), spec.model_id, spec.serve, _first_eval_prompt(signals_dir)))
                 print(f"[serve-check] {out['prompt']!r} -> {out['answer']!r}", flush=True)
