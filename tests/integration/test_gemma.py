@@ -36,4 +36,7 @@ def test_tokenizer_adds_bos_and_greedy_answer_is_sensible(gemma_dir):
     with torch.no_grad():
         out = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)
     text = tok.decode(out[0, len(ids):], skip_special_tokens=True)
-    assert "Paris" in text, text
+    # Without <bos> Gemma degenerates into repetition ("The The The ..."); with it, it stays on topic.
+    words = text.split()
+    assert "Paris" in text or "France" in text, text
+    assert len(words) >= 3 and all(not (a == b == c) for a, b, c in zip(words, words[1:], words[2:])), text
