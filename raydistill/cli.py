@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -225,29 +226,43 @@ def _serve_detached(models, serve: ServeSpec, key, args) -> int:
     return 0
 
 
-def _address_for(serve: ServeSpec, address: str | None) -> tuple[str | None, dict | None]:
+@dataclass(frozen=True)
+class _RecordedApp:
+    address: str
+    state: dict | None  # what `serve --detach` recorded, when it is for this address
+    head: dict | None  # the local Ray head raydistill started for the app, if any
+    head_gone: bool
+
+
+def _recorded_app(serve: ServeSpec, address: str | None, to_reach: str) -> _RecordedApp | None:
+    """Where --status/--stop find the app; None after saying that nothing is recorded here.
+
+    It does not connect to Ray: on a dead or unreachable head --status reports and gives up,
+    while --stop still stops the head and clears the record, so each handles that itself.
+    """
     from raydistill.serving import lifecycle
 
     state = lifecycle.read_state(serve.app_name)
     if address:
-        return address, state if state and state.get("address") == address else None
-    if state:
-        return state["address"], state
-    return None, None
+        state = state if state and state.get("address") == address else None
+    elif state:
+        address = state["address"]
+    else:
+        print(f"app '{serve.app_name}': no detached app recorded here; pass --address to {to_reach}")
+        return None
+    head = (state or {}).get("head")
+    return _RecordedApp(address, state, head, bool(head) and not lifecycle.head_alive(head))
 
 
 def _serve_status(serve: ServeSpec, address: str | None) -> int:
     from ray import serve as ray_serve
 
-    from raydistill.serving import lifecycle
-
-    address, state = _address_for(serve, address)
-    if address is None:
-        print(f"app '{serve.app_name}': no detached app recorded here; pass --address to ask a cluster")
+    found = _recorded_app(serve, address, "ask a cluster")
+    if found is None:
         return 1
-    head = (state or {}).get("head")
-    if head and not lifecycle.head_alive(head):
-        print(f"app '{serve.app_name}': its local Ray head (pid {head['pid']}) is gone; `raydistill serve --stop` clears the record")
+    address, state = found.address, found.state
+    if found.head_gone:
+        print(f"app '{serve.app_name}': its local Ray head (pid {found.head['pid']}) is gone; `raydistill serve --stop` clears the record")
         return 1
     try:
         _connect(address)
@@ -275,12 +290,11 @@ def _serve_stop(serve: ServeSpec, address: str | None) -> int:
 
     from raydistill.serving import lifecycle
 
-    address, state = _address_for(serve, address)
-    if address is None:
-        print(f"app '{serve.app_name}': no detached app recorded here; pass --address to stop it on a cluster")
+    found = _recorded_app(serve, address, "stop it on a cluster")
+    if found is None:
         return 1
-    head = (state or {}).get("head")
-    if head and not lifecycle.head_alive(head):
+    address, head = found.address, found.head
+    if found.head_gone:
         print(f"app '{serve.app_name}': its local Ray head (pid {head['pid']}) is gone already")
     else:
         try:

@@ -42,14 +42,19 @@ def _model_ref_exists(value: str) -> str:
 ModelRef = Annotated[str, AfterValidator(_model_ref_exists)]
 
 
+def _replica_range_error(min_key: str, min_value: int, max_key: str, max_value: int) -> str | None:
+    """The min <= max replicas check shared by ``teacher.replicas`` and ``serve``, worded with each one's own keys."""
+    return f"{max_key} ({max_value}) is below {min_key} ({min_value})" if max_value < min_value else None
+
+
 class ReplicasSpec(_Section):
     min: int = Field(1, ge=1, description="Teacher engine actors kept running.")
     max: int = Field(1, ge=1, description="Most teacher engine actors Ray Data's autoscaling pool may start when a backlog builds.")
 
     @model_validator(mode="after")
     def _ordered(self) -> "ReplicasSpec":
-        if self.max < self.min:
-            raise ValueError(f"max ({self.max}) is below min ({self.min})")
+        if error := _replica_range_error("min", self.min, "max", self.max):
+            raise ValueError(error)
         return self
 
 
@@ -321,8 +326,8 @@ class ServeSpec(_Section):
     @model_validator(mode="after")
     def _serve_cross_checks(self) -> "ServeSpec":
         errors = []
-        if self.max_replicas < self.min_replicas:
-            errors.append(f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})")
+        if error := _replica_range_error("min_replicas", self.min_replicas, "max_replicas", self.max_replicas):
+            errors.append(error)
         if self.max_ongoing_requests < self.target_ongoing_requests:
             errors.append(f"max_ongoing_requests ({self.max_ongoing_requests}) is below target_ongoing_requests ({self.target_ongoing_requests})")
         if not self.replica_resources or any(v <= 0 for v in self.replica_resources.values()):
