@@ -73,7 +73,10 @@ async def _drive(prompts: list[str], concurrency: int, one) -> dict:
             except asyncio.QueueEmpty:
                 return
             t0 = time.perf_counter()
-            tokens[0] += await one(p)
+            # Await first: `tokens[0] += await ...` would read tokens[0] before the await and
+            # lose the other workers' updates made meanwhile.
+            n = await one(p)
+            tokens[0] += n
             latencies.append(time.perf_counter() - t0)
 
     t0 = time.perf_counter()
