@@ -252,8 +252,9 @@ def chunked_distill_loss_sums(
     """Sums over tokens of (total, kd, ce), computing logits ``chunk_tokens`` rows at a time.
 
     hidden: [N, H] final hidden states at the positions that predict ``targets`` [N].
-    Each chunk's [chunk, V] logits are recomputed in backward (activation checkpointing) rather
-    than kept, so loss memory stays O(chunk * V) instead of O(N * V) at large vocabularies.
+    With more than one chunk, each chunk's [chunk, V] logits are recomputed in backward
+    (activation checkpointing) rather than kept, so loss memory stays O(chunk * V) instead of
+    O(N * V) at large vocabularies.
     ``loss_params`` are passed to the loss as in ``distill_token_losses``.
     """
 
@@ -261,6 +262,10 @@ def chunked_distill_loss_sums(
         total, kd, ce = distill_token_losses(lm_head(h), t, ids, lp, loss, ce_weight, temperature, loss_params)
         return total.sum(), kd.sum(), ce.sum()
 
+    if hidden.shape[0] <= chunk_tokens:
+        # One chunk: its logits are within the O(chunk * V) bound already, so keeping them for
+        # backward costs no extra memory and saves recomputing the LM head (a third of its cost).
+        return chunk_sums(hidden, targets, topk_ids, topk_logprobs)
     sums = [hidden.new_zeros((), dtype=torch.float32) for _ in range(3)]
     for start in range(0, hidden.shape[0], chunk_tokens):
         sl = slice(start, start + chunk_tokens)
