@@ -130,29 +130,38 @@ def test_pruned_student_frozen_embeddings(ray_local, model_paths, signals_dir, t
     assert not torch.equal(trained["model.layers.0.mlp.up_proj.weight"], teacher["model.layers.1.mlp.up_proj.weight"])
 
 
-def _kill_one_worker_after(train_dir: Path, step: int, killed: dict, deadline_s: float = 240):
-    """Wait until the live log shows ``step``, then SIGKILL the rank-1 worker process."""
+def _registered_checkpoint_steps(run_dir: Path) -> list[int]:
+    """Steps of the checkpoints Ray Train's controller has registered (what a restart resumes from)."""
+    snapshot = run_dir / "checkpoints" / "train" / "checkpoint_manager_snapshot.json"
+    try:
+        results = json.loads(snapshot.read_text())["checkpoint_results"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):  # not written yet, or mid-write
+        return []
+    return [r["metrics"]["step"] for r in results]
+
+
+def _kill_one_worker_after(run_dir: Path, step: int, killed: dict, deadline_s: float = 240):
+    """Once the live log shows ``step`` and a checkpoint is registered, SIGKILL the rank-1 worker.
+
+    A checkpoint written by the workers but not yet registered by the controller is not one a
+    restart can use, so the kill waits for the registration.
+    """
+    train_dir = run_dir / "train"
     progress, pid_file = train_dir / "progress.jsonl", train_dir / "workers" / "rank1.json"
     end = time.time() + deadline_s
     while time.time() < end:
         if progress.exists() and pid_file.exists():
             steps = [json.loads(l).get("step", 0) for l in progress.read_text().splitlines() if '"loss"' in l]
-            if steps and max(steps) >= step:
+            registered = _registered_checkpoint_steps(run_dir)
+            if steps and max(steps) >= step and registered:
                 killed["pid"] = json.loads(pid_file.read_text())["pid"]
                 killed["at_step"] = max(steps)
+                killed["registered"] = max(registered)
                 os.kill(killed["pid"], signal.SIGKILL)
                 return
         time.sleep(0.02)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason=(
-        "seen once: the kill landed 2 steps after the step-5 checkpoint was written but before Ray Train's "
-        "controller had registered it, so the new attempt restarted from step 1 (and still ended with exactly 30 "
-        "steps). The kill must wait for checkpoint_manager_snapshot.json to list a checkpoint; not yet re-run."
-    ),
-)
 def test_worker_kill_recovers_from_checkpoint(ray_local, model_paths, signals_dir, tmp_path):
     from raydistill.distill.train import run_train_stage
 
@@ -160,7 +169,7 @@ def test_worker_kill_recovers_from_checkpoint(ray_local, model_paths, signals_di
     train = TrainSpec(workers=2, zero_stage=2, micro_batch_size=4, lr=3e-3, max_steps=total, checkpoint_every=every,
                       max_failures=2, max_seq_len=64, lr_schedule="constant")
     killed: dict = {}
-    killer = threading.Thread(target=_kill_one_worker_after, args=(tmp_path / "train", 7, killed), daemon=True)
+    killer = threading.Thread(target=_kill_one_worker_after, args=(tmp_path, 7, killed), daemon=True)
     killer.start()
     out = run_train_stage(train, DistillSpec(ce_weight=0.1), model_paths[1], signals_dir, str(tmp_path))
     killer.join(timeout=1)
@@ -175,7 +184,7 @@ def test_worker_kill_recovers_from_checkpoint(ray_local, model_paths, signals_di
     resumes = [i for i, r in enumerate(live) if r.get("event") == "resumed_from"]
     assert len(resumes) == 1, "expected exactly one restart"
     resumed_at = live[resumes[0]]["step"]
-    assert 0 < resumed_at <= killed["at_step"] and resumed_at % every == 0
+    assert killed["registered"] <= resumed_at <= killed["at_step"] and resumed_at % every == 0
     before, after = live[: resumes[0]], [r for r in live[resumes[0] + 1 :] if "loss" in r]
     # The new attempt continues at the step after the checkpoint, not at step 1...
     assert after[0]["step"] == resumed_at + 1
