@@ -1,0 +1,161 @@
+"""Distillation quality: the KD losses against no training and against SFT, at one budget.
+
+Every variant starts from the same pruned initialization (``student`` section of the spec),
+trains on the same teacher signals with the same steps, batch and seed (so the same tokens in
+the same order), through the project's own trainer (Ray Train + DeepSpeed), and is scored on the
+same held-out split by the project's eval stage:
+
+    (a) init     no training: the pruned initialization
+    (b) sft      CE on the teacher's generations only (sequence-level KD): ce_weight = 1
+    (c) fkl      forward KL on the top-k + tail
+    (d) rkl      reverse KL
+    (e) jsd      JSD (distill.jsd_beta)
+    (f) fkl+ce   forward KL mixed with CE (--mix-ce)
+    teacher      the teacher scored against its own signals: the ceiling
+
+Figures per variant: held-out KL to the teacher (sparse, with tail), perplexity on the teacher's
+responses, top-1 agreement. ``best_kd_gap_closed`` = (KL_init - KL_best) / (KL_init - KL_teacher)
+over (c)-(f); ``best_kd_beats_sft`` = KL_best < KL_sft.
+
+    .venv/bin/python benchmarks/quality.py --json quality.json \\
+        [--spec configs/quickstart.yaml] [--signals runs/quickstart/signals] [--steps 40]
+
+``--signals`` reuses a finished teacher pass (for example the quickstart's); without it the
+teacher stage runs first into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+KD_VARIANTS = ("fkl", "rkl", "jsd", "fkl+ce")
+
+
+def variants(mix_ce: float) -> dict[str, dict | None]:
+    """Variant name -> distill-section overrides (None: not trained)."""
+    return {
+        "init": None,
+        "sft": {"loss": "forward_kl", "ce_weight": 1.0},
+        "fkl": {"loss": "forward_kl", "ce_weight": 0.0},
+        "rkl": {"loss": "reverse_kl", "ce_weight": 0.0},
+        "jsd": {"loss": "jsd", "ce_weight": 0.0},
+        "fkl+ce": {"loss": "forward_kl", "ce_weight": mix_ce},
+    }
+
+
+def _scores(report_file: Path) -> dict:
+    report = json.loads(report_file.read_text())
+    return {
+        "kl_to_teacher": report["kl_to_teacher"],
+        "perplexity": report["student"]["perplexity"],
+        "nll": report["student"]["nll"],
+        "top1_agreement": report["top1_agreement"],
+        "eval_tokens": report["eval_tokens"],
+    }
+
+
+def gap_figures(rows: dict[str, dict]) -> dict:
+    """The headline figures from per-variant rows holding ``kl_to_teacher``."""
+    kl = {name: row["kl_to_teacher"] for name, row in rows.items()}
+    best = min(KD_VARIANTS, key=lambda v: kl[v])
+    gap = kl["init"] - kl["teacher"]
+    return {
+        "best_kd": best,
+        "best_kd_gap_closed": (kl["init"] - kl[best]) / gap if gap > 0 else float("nan"),
+        "best_kd_beats_sft": bool(kl[best] < kl["sft"]),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", required=True, help="write the figures here")
+    parser.add_argument("--spec", default=str(ROOT / "configs/quickstart.yaml"))
+    parser.add_argument("--signals", help="a finished teacher pass to reuse (RUN/signals)")
+    parser.add_argument("--out", default="runs/quality", help="working directory (one run dir per variant)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per variant (default: the spec's train.max_steps)")
+    parser.add_argument("--mix-ce", type=float, default=0.5, help="ce_weight of the fkl+ce variant")
+    parser.add_argument("--only", help="comma-separated subset of variants (the headline figures need all)")
+    args = parser.parse_args()
+
+    from raydistill.distill.init import prepare_student
+    from raydistill.distill.train import run_train_stage
+    from raydistill.eval.stage import run_eval_stage
+    from raydistill.jobs.pipeline import init_ray
+    from raydistill.models import resolve_model
+    from raydistill.spec import load_spec
+
+    overrides = ["eval.measure_speed=false", "eval.side_by_side=0", f"runtime.run_dir={args.out}"]
+    if args.steps:
+        overrides.append(f"train.max_steps={args.steps}")
+    spec = load_spec(args.spec, overrides)
+    out = Path(spec.runtime.run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    teacher = resolve_model(spec.teacher.model)
+    init_ray(spec.runtime)
+
+    if args.signals:
+        signals = str(Path(args.signals).resolve())
+    else:
+        from raydistill.teacher.stage import run_teacher_stage
+
+        signals = str(out / "signals")
+        run_teacher_stage(spec.data, spec.teacher, spec.teacher_pass, teacher, signals)
+
+    chosen = variants(args.mix_ce)
+    if args.only:
+        chosen = {k: v for k, v in chosen.items() if k in args.only.split(",")}
+    rows: dict[str, dict] = {}
+    for name, distill_overrides in chosen.items():
+        run_dir = out / name.replace("+", "_")
+        t0 = time.perf_counter()
+        if distill_overrides is None:
+            student_dir = prepare_student(spec.student, teacher, None, str(run_dir))
+        else:
+            for stale in ("checkpoints", "student", "train"):  # a fresh run, never a resume of an old one
+                shutil.rmtree(run_dir / stale, ignore_errors=True)
+            distill = spec.distill.model_copy(update=distill_overrides)
+            print(f"==> [{name}] training: {distill_overrides}", flush=True)
+            student_dir = run_train_stage(spec.train, distill, None, signals, str(run_dir), student=spec.student, teacher_path=teacher)["student_dir"]
+        train_s = time.perf_counter() - t0
+        run_eval_stage(spec.eval, spec.train.max_seq_len, student_dir, teacher, signals, str(run_dir))
+        rows[name] = {**(distill_overrides or {}), **_scores(run_dir / "eval" / "report.json"), "train_seconds": round(train_s, 1)}
+        print(f"==> [{name}] {rows[name]}", flush=True)
+
+    # The ceiling: the teacher (transformers) scored against its own stored signals (vLLM).
+    run_eval_stage(spec.eval, spec.train.max_seq_len, teacher, teacher, signals, str(out / "teacher"))
+    rows["teacher"] = _scores(out / "teacher" / "eval" / "report.json")
+
+    import ray
+    import torch
+
+    figures = {
+        "spec": args.spec, "signals": signals, "steps": spec.train.max_steps, "workers": spec.train.workers,
+        "micro_batch_size": spec.train.micro_batch_size, "grad_accum": spec.train.grad_accum, "lr": spec.train.lr,
+        "variants": rows,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}, ray {ray.__version__}, torch {torch.__version__}",
+    }
+    if all(v in rows for v in ("init", "sft", *KD_VARIANTS)):
+        figures.update(gap_figures(rows))
+    Path(args.json).write_text(json.dumps(figures, indent=2))
+
+    print(f"\n{'variant':<9} {'KL to teacher':>14} {'perplexity':>11} {'top-1 agree':>12}")
+    for name, row in rows.items():
+        print(f"{name:<9} {row['kl_to_teacher']:>14.4f} {row['perplexity']:>11.2f} {row['top1_agreement']:>12.1%}")
+    if "best_kd" in figures:
+        print(json.dumps({k: figures[k] for k in ("best_kd", "best_kd_gap_closed", "best_kd_beats_sft")}))
+    ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
