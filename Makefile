@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 quickstart: setup
-	$(VENV)/bin/raydistill run configs/tiny.yaml
+	$(VENV)/bin/raydistill run configs/quickstart.yaml
 
 test: setup
 	$(PY) -m pytest -p no:cacheprovider tests
