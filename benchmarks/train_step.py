@@ -65,8 +65,9 @@ def throughput(args) -> dict:
         hidden = model.model(input_ids=ids).last_hidden_state[:, :-1].reshape(-1, config.hidden_size)
         targets = ids[:, 1:].reshape(-1)
         if kd:
+            # always_recompute: the CE twin checkpoints every chunk, so the KD path must too.
             total, _, _ = chunked_distill_loss_sums(hidden, model.lm_head, targets, topk_ids, topk_lp, "forward_kl", 0.1,
-                                                    chunk_tokens=args.chunk_tokens)
+                                                    chunk_tokens=args.chunk_tokens, always_recompute=True)
         else:
             total = chunked_ce_sum(hidden, model.lm_head, targets, args.chunk_tokens)
         (total / targets.numel()).backward()

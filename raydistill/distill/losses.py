@@ -248,6 +248,7 @@ def chunked_distill_loss_sums(
     temperature: float = 1.0,
     chunk_tokens: int = 1024,
     loss_params: dict[str, float] | None = None,
+    always_recompute: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sums over tokens of (total, kd, ce), computing logits ``chunk_tokens`` rows at a time.
 
@@ -255,14 +256,16 @@ def chunked_distill_loss_sums(
     With more than one chunk, each chunk's [chunk, V] logits are recomputed in backward
     (activation checkpointing) rather than kept, so loss memory stays O(chunk * V) instead of
     O(N * V) at large vocabularies.
-    ``loss_params`` are passed to the loss as in ``distill_token_losses``.
+    ``loss_params`` are passed to the loss as in ``distill_token_losses``. ``always_recompute``
+    checkpoints a single chunk too: under ZeRO-3 every LM-head call is a collective, so all
+    ranks must call it the same way whatever their token counts.
     """
 
     def chunk_sums(h, t, ids, lp):
         total, kd, ce = distill_token_losses(lm_head(h), t, ids, lp, loss, ce_weight, temperature, loss_params)
         return total.sum(), kd.sum(), ce.sum()
 
-    if hidden.shape[0] <= chunk_tokens:
+    if hidden.shape[0] <= chunk_tokens and not always_recompute:
         # One chunk: its logits are within the O(chunk * V) bound already, so keeping them for
         # backward costs no extra memory and saves recomputing the LM head (a third of its cost).
         return chunk_sums(hidden, targets, topk_ids, topk_logprobs)

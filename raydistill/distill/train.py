@@ -200,6 +200,7 @@ def train_step(engine, micro: list[dict], distill: DistillSpec, chunk_tokens: in
             temperature=distill.temperature,
             chunk_tokens=chunk_tokens,
             loss_params=loss_params(distill),
+            always_recompute=engine.zero_optimization_stage() == 3,
         )
         if engine.zero_optimization_stage() == 3:
             total = total + _zero3_balance_chunks(model.get_output_embeddings(), pos.shape[0], chunk_tokens, device)

@@ -77,15 +77,20 @@ def test_ce_weight_mixes_kd_and_ce():
     torch.testing.assert_close(total, 0.75 * kd + 0.25 * ce)
 
 
-@pytest.mark.parametrize("chunk_tokens", [3, N, 10 * N], ids=["several-chunks", "exactly-one", "one-small"])
-def test_chunked_sums_equal_unchunked_values_and_grads(chunk_tokens):
+@pytest.mark.parametrize(
+    "chunk_tokens, always_recompute",
+    [(3, False), (N, False), (10 * N, False), (10 * N, True)],
+    ids=["several-chunks", "exactly-one", "one-small", "one-recomputed"],
+)
+def test_chunked_sums_equal_unchunked_values_and_grads(chunk_tokens, always_recompute):
     torch.manual_seed(0)
     H = 16
     head = torch.nn.Linear(H, V, bias=False).double()
     hidden = torch.randn(N, H, dtype=torch.float64, requires_grad=True)
     _, ids, lps = _teacher(6)
     targets = ids[:, 1]
-    chunked = chunked_distill_loss_sums(hidden, head, targets, ids, lps, ce_weight=0.3, chunk_tokens=chunk_tokens)
+    chunked = chunked_distill_loss_sums(hidden, head, targets, ids, lps, ce_weight=0.3, chunk_tokens=chunk_tokens,
+                                       always_recompute=always_recompute)
     g_chunked = torch.autograd.grad(chunked[0], [hidden, head.weight])
     total, kd, ce = distill_token_losses(head(hidden), targets, ids, lps, ce_weight=0.3)
     g_full = torch.autograd.grad(total.sum(), [hidden, head.weight])
