@@ -210,6 +210,15 @@ class TeacherPassSpec(_Section):
         None,
         description="Render prompts with the teacher's chat template. Unset: only for `messages` rows, or when a system prompt is given.",
     )
+    shard_rows: int = Field(
+        256,
+        ge=1,
+        description=(
+            "Rows per signal shard on disk (a target; Ray Data may write slightly more or fewer). Shards are written as engine "
+            "batches finish, and a re-run after an interruption keeps every complete shard, so at most about this many rows of "
+            "teacher work are redone. Larger shards store fewer bytes per token: Parquet keeps a footer and dictionaries per file."
+        ),
+    )
 
 
 class DistillSpec(_Section):

@@ -260,13 +260,15 @@ def run_teacher_stage(data: DataSpec, teacher: TeacherSpec, teacher_pass: Teache
     todo = (
         requests.filter(lambda r: r["reject"] == "")
         .flat_map(lambda r: [x for x in _expand_samples(r, s.n if teacher_pass.mode == "generate" else 1) if x["id"] not in done])
-        # One engine batch per block, streamed: each finished batch becomes its own shard, which
-        # is what a re-run after an interruption can keep.
+        # One engine batch per block, streamed to the engines as it is ready.
         .repartition(target_num_rows_per_block=teacher.batch_size)
     )
     signals = build_teacher_processor(teacher, teacher_pass, teacher_path)(todo)
-    # batch_size=None: one engine output block at a time, so shards are written as they finish.
-    signals.map_batches(_RejectSink, fn_constructor_args=(parts,), batch_format="pyarrow", batch_size=None, concurrency=1, num_cpus=0.25).write_parquet(signals_dir, compression=PARQUET_COMPRESSION)
+    # batch_size=None: one engine output block at a time. Finished batches are gathered into shards
+    # of ~shard_rows rows as they arrive; complete shards are what a re-run after an interruption keeps.
+    signals.map_batches(_RejectSink, fn_constructor_args=(parts,), batch_format="pyarrow", batch_size=None, concurrency=1, num_cpus=0.25).write_parquet(
+        signals_dir, compression=PARQUET_COMPRESSION, min_rows_per_file=teacher_pass.shard_rows
+    )
 
     rejected = _merge_rejects(signals_dir)
     table = pq.ParquetDataset(signals_dir).read(columns=["id", "split"])

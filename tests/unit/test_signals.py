@@ -94,13 +94,19 @@ def _random_signal_table(n_rows=7, k=6, seed=0):
     return pa.Table.from_pylist(rows).cast(SIGNAL_SCHEMA)
 
 
-def test_encoding_round_trips_within_half_a_step():
+def _folded(lps: list[list[float]]) -> np.ndarray:
+    p = np.exp(np.asarray(lps, dtype=np.float64))
+    return np.concatenate([p, 1.0 - p.sum(axis=1, keepdims=True)], axis=1)
+
+
+@pytest.mark.parametrize("scale", [16, 64])
+def test_encoding_round_trips_within_a_step_and_keeps_the_tail(scale):
     from raydistill.data.signals import STORED_SCHEMA
 
     table = _random_signal_table()
-    stored = encode_signals(table, scale=64)
+    stored = encode_signals(table, scale=scale)
     assert stored.schema == STORED_SCHEMA
-    back = decode_signals(stored, scale=64)
+    back = decode_signals(stored, scale=scale)
     assert back.schema == SIGNAL_SCHEMA
     for col in SIGNAL_SCHEMA.names:
         if col != "topk_logprobs":
@@ -108,8 +114,41 @@ def test_encoding_round_trips_within_half_a_step():
     for a, b in zip(back["topk_logprobs"].to_pylist(), table["topk_logprobs"].to_pylist()):
         assert len(a) == len(b)
         for x, y in zip(a, b):
+            # Offsets from the top-1 within half a step, plus one shared shift of at most half a step.
+            np.testing.assert_allclose(x, y, atol=1.0 / scale + 1e-6)
+        if a:
+            # The tail (1 - top-k mass) survives to the half-float log's 0.6 % of itself.
+            np.testing.assert_allclose(_folded(a)[:, -1], _folded(b)[:, -1], rtol=6e-3, atol=1e-6)
+
+
+def test_encoding_keeps_a_tiny_tail_where_top_k_holds_nearly_everything():
+    """A confident teacher: rounding alone would push the top-k sum past 1 and erase the tail."""
+    lps = [[np.log(0.9), np.log(0.0999999)], [np.log(0.5), np.log(0.3)]]
+    row = {"id": "a", "split": "train", "input_ids": [1, 2, 3], "target_start": 1, "topk_ids": [[5, 6], [7, 8]],
+           "topk_logprobs": lps, "prompt": "p", "response": "r"}
+    table = pa.Table.from_pylist([row]).cast(SIGNAL_SCHEMA)
+    back = decode_signals(encode_signals(table, scale=16), scale=16)["topk_logprobs"].to_pylist()[0]
+    P, Q = _folded(table["topk_logprobs"].to_pylist()[0]), _folded(back)  # both from float32 log-probs
+    assert P[0, -1] == pytest.approx(1e-7, rel=0.1)
+    # Decoded log-probs are float32 (~1e-8 absolute in probability), which bounds how exactly a 1e-7 tail
+    # returns; a large tail returns to the half-float log's 0.6 %.
+    assert Q[0, -1] == pytest.approx(P[0, -1], abs=3e-8) and Q[1, -1] == pytest.approx(0.2, rel=6e-3)
+    kl = (P * np.log(P / Q)).sum(axis=1)
+    assert (kl >= -1e-9).all() and kl.max() < 1e-3
+
+
+def test_schema_v2_signals_still_decode():
+    """Signals written before the tail was stored (exact top-1 + steps at scale 64) read back the same."""
+    table = _random_signal_table(seed=5)
+    outer_lists = table["topk_logprobs"].to_pylist()
+    top1 = [[pos[0] for pos in row] for row in outer_lists]
+    v3 = encode_signals(table, scale=64)
+    v2 = v3.drop_columns(["tail_logprob"]).append_column("top1_logprob", pa.array(top1, pa.list_(pa.float32())))
+    back = decode_signals(v2, scale=64)["topk_logprobs"].to_pylist()
+    for a, b in zip(back, outer_lists):
+        for x, y in zip(a, b):
+            assert x[0] == pytest.approx(y[0], abs=1e-6)
             np.testing.assert_allclose(x, y, atol=0.5 / 64 + 1e-6)
-            assert x[0] == pytest.approx(y[0], abs=1e-6)  # the top-1 log-prob is exact
 
 
 def test_encoding_of_sliced_batches():
