@@ -72,9 +72,17 @@ def test_ce_weight_mixes_kd_and_ce():
     p, ids, lps = _teacher(5)
     z = torch.randn(N, V, dtype=torch.float64)
     targets = ids[:, 0]
-    total, kd, ce = distill_token_losses(z, targets, ids, lps, ce_weight=0.25)
-    torch.testing.assert_close(ce.double(), -torch.log_softmax(z, -1).gather(-1, targets[:, None]).squeeze(-1), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(total, 0.75 * kd + 0.25 * ce)
+    for temperature in (1.0, 2.0):  # at T=1 CE shares the KD term's logsumexp; otherwise it has its own
+        z_ours = z.clone().requires_grad_(True)
+        z_ref = z.clone().requires_grad_(True)
+        total, kd, ce = distill_token_losses(z_ours, targets, ids, lps, ce_weight=0.25, temperature=temperature)
+        ref_ce = -torch.log_softmax(z_ref, -1).gather(-1, targets[:, None]).squeeze(-1)
+        torch.testing.assert_close(ce.double(), ref_ce, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(total, 0.75 * kd + 0.25 * ce)
+        ref_total = 0.75 * _dense_folded_fkl(p, ids, z_ref, temperature) + 0.25 * ref_ce
+        total.sum().backward()
+        ref_total.sum().backward()
+        torch.testing.assert_close(z_ours.grad, z_ref.grad, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -173,6 +181,28 @@ def test_loss_matches_dense_reference_values_and_grads(name, temperature):
     torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-6)
     ours.sum().backward()
     ref.sum().backward()
+    torch.testing.assert_close(z.grad, z_ref.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCES))
+def test_confident_student_rows_match_dense_reference(name):
+    """Rows where the student puts nearly all its mass on the teacher's top-k (tails from 1e-1 down
+    to 1e-9) take the masked-logsumexp tail; the rest the cheap one. Both must match the reference."""
+    params, _ = REFERENCES[name]
+    p, ids, lps = _teacher(12)
+    z0 = torch.randn(N, V, dtype=torch.float64, generator=torch.Generator().manual_seed(13))
+    boost = torch.linspace(0.0, 25.0, N, dtype=torch.float64)[:, None]  # row i: top-k logits raised by boost[i]
+    z0 = z0.scatter_add(-1, ids, boost.expand(N, K).contiguous())
+    q_tail = 1 - torch.softmax(z0, -1).gather(-1, ids).sum(-1)
+    assert (q_tail < 1e-2).sum() >= 3 and (q_tail > 1e-2).sum() >= 3, q_tail  # both paths are exercised
+    z = z0.clone().requires_grad_(True)
+    z_ref = z0.clone().requires_grad_(True)
+    ours = LOSSES[name](z, ids, lps.float(), 1.0, **params)
+    ref = _dense_reference(name, p, ids, z_ref)
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-6)
+    ours.sum().backward()
+    ref.sum().backward()
+    assert torch.isfinite(z.grad).all()
     torch.testing.assert_close(z.grad, z_ref.grad, rtol=1e-4, atol=1e-6)
 
 
