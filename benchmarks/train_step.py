@@ -8,6 +8,10 @@
    Each variant runs in a fresh subprocess and its peak RSS above the inputs' baseline is read
    from getrusage (CPU) or torch.cuda.max_memory_allocated (GPU).
    Figure: ``loss_memory_ratio`` = chunked / naive, ``loss_time_ratio`` = chunked / naive.
+3. Data-parallel scaling: the real train stage (Ray Train + DeepSpeed ZeRO-2, the trainer's own
+   loop) on the same synthetic signals with 1 and then 2 workers, each worker taking its share of
+   the host's cores. Global tokens/s is the median over the steps after the first two.
+   Figure: ``workers_2_over_1`` = tokens/s with 2 workers / with 1.
 
     .venv/bin/python benchmarks/train_step.py --json bench.json
 """
@@ -21,6 +25,7 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -92,6 +97,72 @@ def throughput(args) -> dict:
         "kd_ce_tokens_per_s": out["kd_ce"],
         "kd_over_ce_ratio": out["kd_ce"] / out["ce"],
     }
+
+
+def _scaling_student(root: Path, args) -> str:
+    """The throughput student saved as a HF directory, with the tiny builtin tokenizer (ids < 512)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from raydistill.models import resolve_model
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=args.tp_vocab, hidden_size=args.tp_hidden, intermediate_size=args.tp_hidden * 2,
+                         num_hidden_layers=args.tp_layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    out = root / "student"
+    LlamaForCausalLM(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(resolve_model("tiny:student")).save_pretrained(out)
+    return str(out)
+
+
+def _scaling_signals(root: Path, student: str, rows: int, args) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    from raydistill.data.signals import LOGPROB_SCALE, SIGNAL_SCHEMA, encode_signals, tokenizer_fingerprint, write_signal_meta
+
+    gen = torch.Generator().manual_seed(1)
+    out = root / "signals"
+    out.mkdir()
+    records = []
+    for i in range(rows):
+        ids = torch.randint(0, 512, (args.seq,), generator=gen).tolist()
+        topk_ids, topk_lp = fake_teacher(args.seq - 1, args.tp_vocab, args.k, gen)
+        records.append({"id": f"r{i}", "split": "train", "input_ids": ids, "target_start": 1, "topk_ids": topk_ids.tolist(),
+                        "topk_logprobs": topk_lp.tolist(), "prompt": "", "response": ""})
+    pq.write_table(encode_signals(pa.Table.from_pylist(records, schema=SIGNAL_SCHEMA)), out / "part-0.parquet")
+    write_signal_meta(out, {"teacher": "synthetic", "tokenizer_fingerprint": tokenizer_fingerprint(AutoTokenizer.from_pretrained(student)),
+                            "top_k": args.k, "mode": "score", "logprob_scale": LOGPROB_SCALE})
+    return str(out)
+
+
+def worker_scaling(args) -> dict:
+    import statistics
+    import tempfile
+
+    import ray
+
+    from raydistill.distill.train import run_train_stage
+    from raydistill.spec import DistillSpec, TrainSpec
+
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        student = _scaling_student(root, args)
+        signals = _scaling_signals(root, student, 2 * args.batch * args.scaling_steps, args)
+        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+        try:
+            for workers in (1, 2):
+                train = TrainSpec(workers=workers, zero_stage=2, micro_batch_size=args.batch, max_steps=args.scaling_steps,
+                                  checkpoint_every=args.scaling_steps, max_seq_len=args.seq, loss_chunk_tokens=args.chunk_tokens)
+                run_dir = root / f"run{workers}"
+                run_train_stage(train, DistillSpec(ce_weight=0.1), student, signals, str(run_dir))
+                steps = [json.loads(l) for l in (run_dir / "train" / "metrics.jsonl").read_text().splitlines()]
+                results[workers] = statistics.median(m["tokens_per_s"] for m in steps[2:])
+        finally:
+            ray.shutdown()
+    return {"steps": args.scaling_steps, "micro_batch_per_worker": args.batch, "seq": args.seq,
+            "tokens_per_s_1_worker": results[1], "tokens_per_s_2_workers": results[2], "workers_2_over_1": results[2] / results[1]}
 
 
 def _peak_bytes(device: str) -> int:
@@ -169,6 +240,8 @@ def main(argv=None) -> int:
     p.add_argument("--chunk-tokens", type=int, default=1024 // 8)
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--skip-workers", action="store_true")
+    p.add_argument("--scaling-steps", type=int, default=8, help="optimizer steps per worker count in the scaling run")
     p.add_argument("--child", choices=["naive", "chunked"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.threads:
@@ -188,6 +261,10 @@ def main(argv=None) -> int:
         figures["loss_memory"] = loss_memory(args)
         figures["loss_memory_ratio"] = figures["loss_memory"]["loss_memory_ratio"]
         print(json.dumps(figures["loss_memory"], indent=2), flush=True)
+    if not args.skip_workers:
+        figures["workers"] = worker_scaling(args)
+        figures["workers_2_over_1"] = figures["workers"]["workers_2_over_1"]
+        print(json.dumps(figures["workers"], indent=2), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=2)

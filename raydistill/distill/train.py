@@ -143,27 +143,68 @@ def restore(engine) -> tuple[int, list[dict]]:
     return int(client["step"]), list(client["history"])
 
 
-def _zero3_balance_chunks(lm_head, n_targets: int, chunk_tokens: int, device):
-    """A zero-valued loss term that runs the LM head on as many extra chunks as this rank lacks.
+def _zero3_most_chunks(micro: list[dict], chunk_tokens: int, device) -> list[int]:
+    """Per micro-batch, the largest number of loss chunks any rank holds (one all_reduce).
 
-    Under ZeRO-3 every call of a module gathers its parameters (and its backward reduces their
-    gradients), a collective. Ranks hold different numbers of target tokens, hence different
-    numbers of loss chunks, so the rank with fewer must call the head as often as the one with
-    the most, or the collectives mismatch and gloo/NCCL abort or hang.
+    Must run before the first LM-head call of the step: under ZeRO-3 every LM-head call is
+    itself a collective (see ``_zero3_balance_chunks``), so a rank that asks for this count only
+    after its own chunks meets the other rank's next LM-head all-gather with an all_reduce, and
+    both wait forever. That was the ZeRO-3 hang: whenever the ranks' target counts fell into
+    different numbers of chunks (in the integration test first at step 3, after the step-2
+    checkpoint, which was a coincidence), the rank with fewer chunks entered this all_reduce
+    while the other was still gathering the LM head for its last chunk.
     """
     import torch
     import torch.distributed as dist
 
-    mine = -(-n_targets // chunk_tokens)
-    most = torch.tensor(mine, device=device)
-    dist.all_reduce(most, op=dist.ReduceOp.MAX)
-    extra = torch.zeros((), device=device)
-    for _ in range(int(most.item()) - mine):
-        dummy = torch.zeros(1, lm_head.in_features, device=device, dtype=lm_head.weight.dtype)
-        # Checkpointed like the real chunks, so forward and recompute gather the same way.
-        out = torch.utils.checkpoint.checkpoint(lambda h: lm_head(h).float().sum(), dummy, use_reentrant=False)
-        extra = extra + 0.0 * out
-    return extra
+    counts = torch.tensor([-(-m["targets"].shape[0] // chunk_tokens) for m in micro], device=device)
+    dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+    return [int(c) for c in counts.tolist()]
+
+
+def _zero3_balance_chunks(lm_head, n_extra: int, like: dict, distill: DistillSpec, device):
+    """A zero-valued loss term that runs the LM head ``n_extra`` more times, each exactly like a real chunk.
+
+    Under ZeRO-3 every call of a module can gather its parameters, and its backward reduces and
+    releases them: collectives. Training never calls the root module (whose forward would
+    complete DeepSpeed's parameter trace), so the trace stays invalid and DeepSpeed releases
+    even persistent parameters after each call: every LM-head call is an all-gather, in the
+    forward, in the checkpoint recompute and in the backward. Ranks hold different numbers of
+    target tokens, hence different numbers of loss chunks, so the rank with fewer must call the
+    head as often as the one with the most, or the collectives mismatch and gloo/NCCL hang or
+    abort.
+
+    The extra calls must also gather exactly as a real chunk does, so they run through the very
+    same checkpointed chunk function (``chunked_distill_loss_sums``, one padding row per chunk)
+    on an input that requires grad. A simpler dummy (``lm_head(h).sum()`` on a constant input)
+    gathers once fewer in backward: its sum needs no saved tensor, so DeepSpeed's pre-backward
+    hook gathers the head before the recompute instead of after the recompute released it, and
+    the ranks fall out of step; with an input that needs no grad the post-backward release
+    never runs at all.
+    """
+    import torch
+
+    from raydistill.distill.losses import chunked_distill_loss_sums, loss_params
+
+    if n_extra <= 0:
+        return torch.zeros((), device=device)
+    k = like["topk_ids"].shape[-1]
+    hidden = torch.zeros(n_extra, lm_head.in_features, device=device, dtype=lm_head.weight.dtype, requires_grad=True)
+    total, _, _ = chunked_distill_loss_sums(
+        hidden,
+        lm_head,
+        torch.zeros(n_extra, dtype=torch.int64, device=device),
+        torch.arange(k, device=device).expand(n_extra, k),
+        torch.full((n_extra, k), -float(torch.log(torch.tensor(k + 1.0))), device=device),
+        loss=distill.loss,
+        ce_weight=distill.ce_weight,
+        temperature=distill.temperature,
+        chunk_tokens=1,
+        loss_params=loss_params(distill),
+        always_recompute=True,
+    )
+    # The padding rows' losses are finite, so times 0 they add exactly 0 to the loss and the grads.
+    return 0.0 * total
 
 
 def train_step(engine, micro: list[dict], distill: DistillSpec, chunk_tokens: int, world: int):
@@ -186,6 +227,9 @@ def train_step(engine, micro: list[dict], distill: DistillSpec, chunk_tokens: in
     sums = torch.zeros(3, device=device)
     model = engine.module
     grad_norm = None
+    zero3 = engine.zero_optimization_stage() == 3
+    # Under ZeRO-3 the chunk counts are agreed before any LM-head call (see _zero3_most_chunks).
+    most_chunks = _zero3_most_chunks(micro, chunk_tokens, device) if zero3 else None
     for i, m in enumerate(micro):
         hidden = model.base_model(input_ids=m["input_ids"], attention_mask=m["attention_mask"]).last_hidden_state
         pos = m["pred_pos"]
@@ -200,10 +244,14 @@ def train_step(engine, micro: list[dict], distill: DistillSpec, chunk_tokens: in
             temperature=distill.temperature,
             chunk_tokens=chunk_tokens,
             loss_params=loss_params(distill),
-            always_recompute=engine.zero_optimization_stage() == 3,
+            always_recompute=zero3,
         )
-        if engine.zero_optimization_stage() == 3:
-            total = total + _zero3_balance_chunks(model.get_output_embeddings(), pos.shape[0], chunk_tokens, device)
+        if zero3:
+            mine = -(-pos.shape[0] // chunk_tokens)
+            total = total + _zero3_balance_chunks(model.get_output_embeddings(), most_chunks[i] - mine, m, distill, device)
+            # A micro-batch without target tokens leaves the loss with no path back through the
+            # base model, whose ZeRO-3 backward hooks are collectives too; a zero term keeps one.
+            total = total + 0.0 * hidden.sum()
         engine.backward(total * scale)
         if i == len(micro) - 1 and engine.zero_optimization_stage() == 0:
             # Without ZeRO, DeepSpeed clips with torch and keeps no norm; the gradients are

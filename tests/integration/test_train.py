@@ -78,13 +78,7 @@ def _check_export(out, run_dir):
     [
         (0, {"grad_accum": 2}),
         (2, {"gradient_checkpointing": True, "tensorboard": True}),
-        pytest.param(
-            3,
-            {"offload_optimizer": True},
-            # Steps 1-2 and the step-2 checkpoint complete, then step 3 hangs on gloo: a collective
-            # ordering problem after engine.save_checkpoint under ZeRO-3, not yet found.
-            marks=pytest.mark.skip(reason="ZeRO-3 hangs at the step after a mid-run checkpoint (open)"),
-        ),
+        (3, {"offload_optimizer": True}),
     ],
 )
 def test_zero_stage_trains_and_exports_exactly(stage, options, ray_local, model_paths, signals_dir, tmp_path):
@@ -111,6 +105,89 @@ def test_zero_stage_trains_and_exports_exactly(stage, options, ray_local, model_
     assert ds["zero_optimization"]["stage"] == stage and ds["gradient_accumulation_steps"] == train.grad_accum
     if options.get("tensorboard"):
         assert list((tmp_path / "train" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+# One rank of a two-process gloo group running train_step on hand-made micro-batches whose target
+# counts differ per rank (argv: student dir, ZeRO stage, [[rank-0 targets, rank-1 targets], ...]).
+_UNEVEN_CHUNKS_WORKER = """
+import json, os, sys
+import torch, torch.distributed as dist
+from raydistill.distill.dsconfig import deepspeed_config
+from raydistill.distill.train import TrainInputs, build_engine, build_model, train_step
+from raydistill.spec import DistillSpec, TrainSpec
+
+rank, student, stage, steps = int(os.environ["RANK"]), sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+dist.init_process_group("gloo", rank=rank, world_size=2)
+torch.manual_seed(0)
+train = TrainSpec(workers=2, zero_stage=stage, offload_optimizer=stage == 3, micro_batch_size=1, max_steps=len(steps),
+                  max_seq_len=64, loss_chunk_tokens=16)
+distill = DistillSpec(ce_weight=0.1)
+inputs = TrainInputs(train=train, distill=distill, student_path=student, total_steps=len(steps),
+                     ds_config=deepspeed_config(train, len(steps)))
+engine = build_engine(build_model(inputs), inputs)
+vocab = engine.module.config.vocab_size
+g = torch.Generator().manual_seed(rank)
+for n in (per_rank[rank] for per_rank in steps):
+    ids = torch.randint(0, vocab, (1, 64), generator=g)
+    start = 64 - n
+    m = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+         "pred_pos": torch.tensor([[0, t - 1] for t in range(start, 64)], dtype=torch.int64).reshape(-1, 2),
+         "targets": ids[0, start:], "topk_ids": torch.rand(n, vocab, generator=g).topk(8).indices,
+         "topk_logprobs": torch.log_softmax(torch.randn(n, 9, generator=g), -1)[:, :8]}
+    loss, kd, ce, tokens, grad_norm = train_step(engine, [m], distill, train.loss_chunk_tokens, 2)
+    print("RESULT " + json.dumps({"loss": loss, "tokens": tokens, "grad_norm": grad_norm}), flush=True)
+dist.destroy_process_group()
+"""
+
+
+def _run_uneven_chunks(tmp_path, student, stage, steps, timeout_s=240):
+    """Both ranks' per-step results; fails on a hang (timeout) or a crash of either rank."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    script = tmp_path / "uneven_chunks_worker.py"
+    script.write_text(_UNEVEN_CHUNKS_WORKER)
+    procs = []
+    for rank in (0, 1):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, str(script), student, str(stage), json.dumps(steps)], cwd=ROOT,
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        outputs = [p.communicate(timeout=timeout_s)[0] for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"ZeRO-{stage} train_step with uneven chunk counts did not finish in {timeout_s} s (collective hang)")
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-3000:]
+    return [[json.loads(l[len("RESULT "):]) for l in out.splitlines() if l.startswith("RESULT ")] for out in outputs]
+
+
+def test_zero3_uneven_loss_chunks_match_zero0(model_paths, tmp_path):
+    """Ranks whose target counts fall into different numbers of LM-head chunks (every step here).
+
+    Under ZeRO-3 each LM-head call is a collective; before the fix the rank with fewer chunks
+    left the chunk loop for an all_reduce while the other still gathered the head (a hang), and
+    its balancing calls gathered differently from real chunks in backward. The result must equal
+    ZeRO-0's on the same batches: the balancing adds nothing to the loss or the gradients.
+    """
+    # Targets per rank with 16-token chunks: 4 vs 2 chunks, 2 vs 4, 3 vs 3, 1 vs 2, and a rank
+    # with no target token at all (0 vs 2).
+    steps = [[50, 20], [20, 50], [33, 33], [1, 17], [0, 17]]
+    zero3 = _run_uneven_chunks(tmp_path, model_paths[1], 3, steps)
+    zero0 = _run_uneven_chunks(tmp_path, model_paths[1], 0, steps)
+    assert len(zero3[0]) == len(zero3[1]) == len(zero0[0]) == len(steps)
+    assert zero3[0] == zero3[1]  # every rank reports the global values
+    for z3, z0, per_rank in zip(zero3[0], zero0[0], steps):
+        assert z3["tokens"] == z0["tokens"] == sum(per_rank)
+        assert z3["loss"] == pytest.approx(z0["loss"], rel=1e-5)
+        assert z3["grad_norm"] == pytest.approx(z0["grad_norm"], rel=1e-5)
 
 
 def test_pruned_student_frozen_embeddings(ray_local, model_paths, signals_dir, tmp_path):
