@@ -15,8 +15,8 @@ Run from the repository root:
    start-up cancels. (Shard arrival times cannot stand in for it: the engine interleaves every
    batch it has been sent, so most shards land together at the end.)
 2. Storage: for k in {8, 32, 50}, score the prompts' responses with bare vLLM, encode the signals
-   exactly as the stage stores them (``encode_signals`` + zstd Parquet, one file per
-   ``--shard-rows`` rows, as the stage writes one shard per engine batch), and report bytes per
+   exactly as the stage stores them (``encode_signals`` with the id order learned from the first
+   16 rows, ``PARQUET_WRITE_ARGS``, one file per ``--shard-rows`` rows), and report bytes per
    target token on disk and the mean KL (nats/token) between the engine's exact top-k + tail
    distribution and the stored one.
 """
@@ -89,7 +89,7 @@ def storage_at_k(llm, prompts: list[str], outs, k: int, work: Path, shard_rows: 
     import pyarrow.parquet as pq
     from vllm import SamplingParams
 
-    from raydistill.data.signals import PARQUET_COMPRESSION, SIGNAL_SCHEMA, decode_signals, encode_signals
+    from raydistill.data.signals import PARQUET_WRITE_ARGS, SIGNAL_SCHEMA, decode_signals, encode_signals, learn_id_order
     from raydistill.teacher.stage import topk_from_logprob_dict
 
     token_prompts = [{"prompt_token_ids": list(o.prompt_token_ids) + list(o.outputs[0].token_ids)} for o in outs]
@@ -101,11 +101,16 @@ def storage_at_k(llm, prompts: list[str], outs, k: int, work: Path, shard_rows: 
         rows.append({"id": f"p{i}", "split": "train", "input_ids": token_prompts[i]["prompt_token_ids"], "target_start": start,
                      "topk_ids": [p[0] for p in pairs], "topk_logprobs": [p[1] for p in pairs], "prompt": prompts[i], "response": o.outputs[0].text})
     exact = pa.Table.from_pylist(rows).cast(SIGNAL_SCHEMA)
+    # The stage learns the id renumbering from the first engine batch it writes: the default
+    # teacher.batch_size (16) rows here.
+    id_order = learn_id_order(exact.slice(0, 16)["topk_ids"].combine_chunks().flatten().flatten().to_numpy())
     paths = []
     for i in range(0, exact.num_rows, shard_rows):
         paths.append(work / f"k{k}-{i // shard_rows:05d}.parquet")
-        pq.write_table(encode_signals(exact.slice(i, shard_rows)), paths[-1], compression=PARQUET_COMPRESSION)
-    stored = decode_signals(pa.concat_tables([pq.read_table(p) for p in paths]))
+        pq.write_table(encode_signals(exact.slice(i, shard_rows), id_order=id_order), paths[-1], **PARQUET_WRITE_ARGS)
+    stored = decode_signals(pa.concat_tables([pq.read_table(p) for p in paths]), id_order=id_order)
+    if stored["topk_ids"].to_pylist() != exact["topk_ids"].to_pylist():
+        raise AssertionError("stored top-k ids do not decode to the engine's")
     n_tokens = sum(len(r["topk_ids"]) for r in rows)
     columns: dict[str, int] = {}
     for path in paths:

@@ -19,7 +19,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raydistill.data.signals import LOGPROB_SCALE, META_FILE, PARQUET_COMPRESSION, SIGNAL_COLUMNS, SIGNAL_SCHEMA, encode_signals
+from raydistill.data.signals import LOGPROB_SCALE, META_FILE, PARQUET_COMPRESSION, PARQUET_WRITE_ARGS, SIGNAL_COLUMNS, SIGNAL_SCHEMA, encode_signals
 from raydistill.spec import DataSpec, TeacherPassSpec, TeacherSpec
 
 REJECTED_FILE = "_rejected.jsonl"
@@ -154,16 +154,43 @@ class _RejectSink:
 
     Ray Data has no side output, so rows the engine failed on leave the stream here, at the
     one place they are known, instead of a second pass over the outputs.
+
+    It is also where shards are encoded, and the one writer of ``topk_id_order`` (the id
+    renumbering of the storage encoding, see raydistill.data.signals): learned from the first
+    batch it sees, written to the metadata before any shard that uses it, kept by a re-run.
     """
 
-    def __init__(self, parts_dir: str):
-        self.parts_dir = parts_dir
+    def __init__(self, parts_dir: str, signals_dir: str):
+        from raydistill.data.signals import read_signal_meta
+
+        self.parts_dir, self.signals_dir = parts_dir, signals_dir
+        self.id_order = read_signal_meta(signals_dir).get("topk_id_order")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rejected = batch.filter(pa.compute.not_equal(batch["reject"], ""))
         if rejected.num_rows:
             _write_rejects(self.parts_dir, rejected.select(["source", "id", "reject"]).to_pylist())
-        return encode_signals(batch.filter(pa.compute.equal(batch["reject"], "")).select(SIGNAL_COLUMNS).cast(SIGNAL_SCHEMA))
+        good = batch.filter(pa.compute.equal(batch["reject"], "")).select(SIGNAL_COLUMNS).cast(SIGNAL_SCHEMA)
+        if self.id_order is None and good.num_rows:
+            self.id_order = self._learn_id_order(good)
+        return encode_signals(good, id_order=self.id_order or ())
+
+    def _learn_id_order(self, good: pa.Table) -> list[int]:
+        from raydistill.data.signals import learn_id_order, read_signal_meta, write_signal_meta
+
+        order = learn_id_order(good["topk_ids"].combine_chunks().flatten().flatten().to_numpy())
+        meta = read_signal_meta(self.signals_dir)
+        meta.pop("schema_version", None)
+        write_signal_meta(self.signals_dir, {**meta, "topk_id_order": order})
+        return order
+
+
+def _drop_bad_rows(batch: pa.Table, parts_dir: str) -> pa.Table:
+    """Write a batch's bad input rows to a part file under ``_rejected_parts/``; return the good ones."""
+    bad = batch.filter(pa.compute.not_equal(batch["reject"], ""))
+    if bad.num_rows:
+        _write_rejects(parts_dir, bad.select(["source", "id", "reject", "raw"]).to_pylist())
+    return batch.filter(pa.compute.equal(batch["reject"], ""))
 
 
 def _write_rejects(parts_dir: str, rows: list[dict]) -> None:
@@ -202,20 +229,23 @@ def _meta(teacher: TeacherSpec, teacher_pass: TeacherPassSpec, teacher_path: str
 
 def _prepare_signals_dir(signals_dir: str, meta: dict) -> set[str]:
     """Keep an earlier attempt's shards only if they were made the same way; return their ids."""
-    from raydistill.data.signals import read_signal_meta, write_signal_meta
+    from raydistill.data.signals import SCHEMA_VERSION, read_signal_meta, write_signal_meta
 
     path = Path(signals_dir)
+    kept = {}
     if (path / META_FILE).exists():
         try:
             old = read_signal_meta(signals_dir)
         except ValueError:
             old = {}
-        if {k: old.get(k) for k in meta} != meta:
+        if {k: old.get(k) for k in meta} != meta or old.get("schema_version") != SCHEMA_VERSION:
             print(f"[teacher] {signals_dir} was made with other settings; starting it afresh", flush=True)
             shutil.rmtree(path)
+        elif "topk_id_order" in old:
+            kept = {"topk_id_order": old["topk_id_order"]}  # the shards already written use it
     elif path.exists():
         shutil.rmtree(path)
-    write_signal_meta(signals_dir, meta)
+    write_signal_meta(signals_dir, {**meta, **kept})
     shutil.rmtree(path / _REJECTED_PARTS, ignore_errors=True)  # rejects are re-derived from the whole corpus
     return completed_ids(signals_dir)
 
@@ -244,30 +274,29 @@ def run_teacher_stage(data: DataSpec, teacher: TeacherSpec, teacher_pass: Teache
     requests = prepare_requests(data, teacher_pass, teacher_path, max_prompt_tokens(data, teacher, teacher_pass, teacher_path))
     parts = str(Path(signals_dir) / _REJECTED_PARTS)
 
-    # Bad input rows first: cheap (no teacher), and with on_bad_row=fail nothing reaches the engines.
-    bad = requests.filter(lambda r: r["reject"] != "").select_columns(["source", "id", "reject", "raw"])
     if data.on_bad_row == "fail":
-        first = bad.take(_FIRST_BAD_ROWS_SHOWN)
+        # A pass over the corpus before any engine starts (cheap: no teacher), so nothing reaches
+        # the engines when a row is bad.
+        first = requests.filter(lambda r: r["reject"] != "").select_columns(["source", "reject"]).take(_FIRST_BAD_ROWS_SHOWN)
         if first:
             lines = "\n".join(f"  {r['source']}: {r['reject']}" for r in first)
             raise BadRowsError(f"data.on_bad_row=fail and the corpus has bad rows (first {len(first)}):\n{lines}")
+        good = requests.filter(lambda r: r["reject"] == "")
     else:
-        for batch in bad.iter_batches(batch_format="pyarrow", batch_size=4096):
-            if batch.num_rows:
-                _write_rejects(parts, batch.to_pylist())
+        # Bad rows leave the stream as it flows to the engines: one pass over the corpus.
+        good = requests.map_batches(_drop_bad_rows, fn_args=(parts,), batch_format="pyarrow")
 
     s = teacher_pass.sampling
     todo = (
-        requests.filter(lambda r: r["reject"] == "")
-        .flat_map(lambda r: [x for x in _expand_samples(r, s.n if teacher_pass.mode == "generate" else 1) if x["id"] not in done])
+        good.flat_map(lambda r: [x for x in _expand_samples(r, s.n if teacher_pass.mode == "generate" else 1) if x["id"] not in done])
         # One engine batch per block, streamed to the engines as it is ready.
         .repartition(target_num_rows_per_block=teacher.batch_size)
     )
     signals = build_teacher_processor(teacher, teacher_pass, teacher_path)(todo)
     # batch_size=None: one engine output block at a time. Finished batches are gathered into shards
     # of ~shard_rows rows as they arrive; complete shards are what a re-run after an interruption keeps.
-    signals.map_batches(_RejectSink, fn_constructor_args=(parts,), batch_format="pyarrow", batch_size=None, concurrency=1, num_cpus=0.25).write_parquet(
-        signals_dir, compression=PARQUET_COMPRESSION, min_rows_per_file=teacher_pass.shard_rows
+    signals.map_batches(_RejectSink, fn_constructor_args=(parts, signals_dir), batch_format="pyarrow", batch_size=None, concurrency=1, num_cpus=0.25).write_parquet(
+        signals_dir, min_rows_per_file=teacher_pass.shard_rows, **PARQUET_WRITE_ARGS
     )
 
     rejected = _merge_rejects(signals_dir)
@@ -284,7 +313,8 @@ def run_teacher_stage(data: DataSpec, teacher: TeacherSpec, teacher_pass: Teache
 
 def _merge_rejects(signals_dir: str) -> int:
     parts = sorted((Path(signals_dir) / _REJECTED_PARTS).glob("*.jsonl"))
-    lines = [line for p in parts for line in p.read_text().splitlines() if line.strip()]
+    # A retried Ray task writes its part again; identical lines are one rejected row.
+    lines = list(dict.fromkeys(line for p in parts for line in p.read_text().splitlines() if line.strip()))
     lines.sort(key=lambda l: json.loads(l)["source"])
     target = Path(signals_dir) / REJECTED_FILE
     if lines:

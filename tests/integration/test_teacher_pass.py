@@ -202,6 +202,9 @@ def test_killed_teacher_pass_resumes_without_loss(tiny_spec, tmp_path, free_port
             pass
         time.sleep(2)
 
+    # The kept shards' ids are stored renumbered; the re-run must decode and write with the same order.
+    id_order = read_signal_meta(signals)["topk_id_order"]
+    assert id_order
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
@@ -210,3 +213,4 @@ def test_killed_teacher_pass_resumes_without_loss(tiny_spec, tmp_path, free_port
     ids = _table(signals)["id"].to_pylist()
     assert len(ids) == len(set(ids)) == 96
     assert sorted(ids) == [f"p{i:03d}" for i in range(96)]
+    assert read_signal_meta(signals)["topk_id_order"] == id_order

@@ -160,3 +160,43 @@ def test_encoding_of_sliced_batches():
     assert stored_slice["topk_logprobs"].to_pylist() == back["topk_logprobs"].to_pylist()
     assert back["topk_ids"].to_pylist() == part["topk_ids"].to_pylist()
     assert [len(x) for x in back["topk_logprobs"].to_pylist()] == [len(x) for x in part["topk_logprobs"].to_pylist()]
+
+
+def test_id_codes_are_a_permutation_that_round_trips_unseen_ids():
+    from raydistill.data.signals import codes_to_ids, ids_to_codes, learn_id_order
+
+    rng = np.random.default_rng(0)
+    seen = rng.integers(0, 5000, size=(40, 8))
+    order = learn_id_order(seen)
+    counts = {i: int((seen == i).sum()) for i in order}
+    assert [counts[i] for i in order] == sorted(counts.values(), reverse=True)
+    assert len(order) == len(set(order)) == len(np.unique(seen))
+    ids = np.arange(6000)
+    codes = ids_to_codes(ids, order)
+    assert sorted(codes.tolist()) == ids.tolist()  # a bijection on [0, 6000): every id listed is below it
+    assert codes[order].tolist() == list(range(len(order)))  # listed ids get the small codes, in order
+    big = np.array([262143, 10**6, 0, 4999])
+    assert codes_to_ids(ids_to_codes(big, order), order).tolist() == big.tolist()
+    assert codes_to_ids(codes, order).tolist() == ids.tolist()
+    assert ids_to_codes(ids, []).tolist() == ids.tolist()
+    assert learn_id_order(seen, max_ids=3) == order[:3]
+
+
+def test_encoding_with_an_id_order_stores_codes_and_decodes_the_ids(tmp_path):
+    import pyarrow.parquet as pq
+
+    from raydistill.data.signals import PARQUET_WRITE_ARGS, learn_id_order, load_signals, read_signal_meta
+
+    table = _random_signal_table(n_rows=10, seed=7)
+    order = learn_id_order(table.slice(0, 2)["topk_ids"].combine_chunks().flatten().flatten().to_numpy())
+    stored = encode_signals(table, id_order=order)
+    assert stored["topk_ids"].to_pylist() != table["topk_ids"].to_pylist()
+    pq.write_table(stored, tmp_path / "part-0.parquet", **PARQUET_WRITE_ARGS)
+    meta = pq.ParquetFile(tmp_path / "part-0.parquet").metadata
+    encodings = {meta.row_group(0).column(c).path_in_schema: meta.row_group(0).column(c).encodings for c in range(meta.num_columns)}
+    assert "BYTE_STREAM_SPLIT" in encodings["topk_ids.list.element.list.element"]
+    write_signal_meta(tmp_path, {"logprob_scale": 16, "topk_id_order": order})
+    assert read_signal_meta(tmp_path)["topk_id_order"] == order
+    back = load_signals(tmp_path)
+    assert back["topk_ids"].to_pylist() == table["topk_ids"].to_pylist()
+    assert load_signals(tmp_path, columns=["id", "topk_ids"])["topk_ids"].to_pylist() == table["topk_ids"].to_pylist()
