@@ -143,8 +143,8 @@ def restore(engine) -> tuple[int, list[dict]]:
     return int(client["step"]), list(client["history"])
 
 
-def _zero3_most_chunks(micro: list[dict], chunk_tokens: int, device) -> list[int]:
-    """Per micro-batch, the largest number of loss chunks any rank holds (one all_reduce).
+def _zero3_extra_chunks(micro: list[dict], chunk_tokens: int, device) -> list[int]:
+    """Per micro-batch, how many loss chunks this rank holds fewer than the rank with the most (one all_reduce).
 
     Must run before the first LM-head call of the step: under ZeRO-3 every LM-head call is
     itself a collective (see ``_zero3_balance_chunks``), so a rank that asks for this count only
@@ -157,9 +157,10 @@ def _zero3_most_chunks(micro: list[dict], chunk_tokens: int, device) -> list[int
     import torch
     import torch.distributed as dist
 
-    counts = torch.tensor([-(-m["targets"].shape[0] // chunk_tokens) for m in micro], device=device)
-    dist.all_reduce(counts, op=dist.ReduceOp.MAX)
-    return [int(c) for c in counts.tolist()]
+    mine = torch.tensor([-(-m["targets"].shape[0] // chunk_tokens) for m in micro], device=device)
+    most = mine.clone()
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    return [int(c) for c in (most - mine).tolist()]
 
 
 def _zero3_balance_chunks(lm_head, n_extra: int, like: dict, distill: DistillSpec, device):
@@ -228,8 +229,8 @@ def train_step(engine, micro: list[dict], distill: DistillSpec, chunk_tokens: in
     model = engine.module
     grad_norm = None
     zero3 = engine.zero_optimization_stage() == 3
-    # Under ZeRO-3 the chunk counts are agreed before any LM-head call (see _zero3_most_chunks).
-    most_chunks = _zero3_most_chunks(micro, chunk_tokens, device) if zero3 else None
+    # Under ZeRO-3 the chunk counts are agreed before any LM-head call (see _zero3_extra_chunks).
+    extra_chunks = _zero3_extra_chunks(micro, chunk_tokens, device) if zero3 else None
     for i, m in enumerate(micro):
         hidden = model.base_model(input_ids=m["input_ids"], attention_mask=m["attention_mask"]).last_hidden_state
         pos = m["pred_pos"]
@@ -247,8 +248,7 @@ def train_step(engine, micro: list[dict], distill: DistillSpec, chunk_tokens: in
             always_recompute=zero3,
         )
         if zero3:
-            mine = -(-pos.shape[0] // chunk_tokens)
-            total = total + _zero3_balance_chunks(model.get_output_embeddings(), most_chunks[i] - mine, m, distill, device)
+            total = total + _zero3_balance_chunks(model.get_output_embeddings(), extra_chunks[i], m, distill, device)
             # A micro-batch without target tokens leaves the loss with no path back through the
             # base model, whose ZeRO-3 backward hooks are collectives too; a zero term keeps one.
             total = total + 0.0 * hidden.sum()
