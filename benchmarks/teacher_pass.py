@@ -4,13 +4,14 @@ Run from the repository root:
 
     .venv/bin/python benchmarks/teacher_pass.py --json out.json [--model tiny:teacher] [--prompts 256]
     .venv/bin/python benchmarks/teacher_pass.py --storage-only --model gemma3-270m --corpus configs/data/quickstart_prompts.jsonl
+    .venv/bin/python benchmarks/teacher_pass.py --throughput-only --prompts 1024
 
 1. Throughput: the same prompts with the same engine arguments and sampling through
    (a) bare ``vllm.LLM.generate`` in this process and (b) raydistill's teacher stage on a local
    Ray. ``ratio`` = (b)/(a) in generated tokens/s with both timings including engine start-up,
    since a teacher pass pays it too. ``steady_ratio`` leaves start-up out: (a) times
    ``generate`` alone, with the engine already up; (b) runs the stage a second time on the
-   first quarter of the prompts and takes the marginal rate, (tokens of the full run - tokens of
+   first quarter of the prompts (after a discarded 16-prompt warm-up run) and takes the marginal rate, (tokens of the full run - tokens of
    the quarter run) / (seconds of the full run - seconds of the quarter run), so its fixed
    start-up cancels. (Shard arrival times cannot stand in for it: the engine interleaves every
    batch it has been sent, so most shards land together at the end.)
@@ -143,6 +144,7 @@ def main() -> int:
     ap.add_argument("--shard-rows", type=int, default=256,
                     help="rows per Parquet file in the storage figures (the stage's teacher_pass.shard_rows; default = its default)")
     ap.add_argument("--storage-only", action="store_true", help="skip the throughput comparison")
+    ap.add_argument("--throughput-only", action="store_true", help="skip the storage figures")
     args = ap.parse_args()
 
     from raydistill.models import resolve_model
@@ -160,11 +162,15 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if not args.storage_only:
+            # A discarded warm-up run first: the first stage run of a process also pays one-time
+            # costs (cold imports of vLLM and torch in new Ray workers), which would otherwise land
+            # in the quarter run and inflate the marginal rate.
+            raydistill_stage(args.model, model, prompts[:16], engine_args, sampling, args.k, work / "warmup")
             quarter_s, quarter_tokens = raydistill_stage(args.model, model, prompts[: len(prompts) // 4], engine_args, sampling, args.k, work / "quarter")
             ray_s, ray_tokens = raydistill_stage(args.model, model, prompts, engine_args, sampling, args.k, work / "full")
             ray_steady = (ray_tokens - quarter_tokens) / (ray_s - quarter_s) if ray_s > quarter_s else None
         bare_s, bare_gen_s, bare_tokens, outs, llm = bare_vllm(model, prompts, bare_engine_args, {**sampling, "logprobs": args.k})
-        storage = {k: storage_at_k(llm, prompts, outs, k, work, args.shard_rows) for k in (8, 32, 50)}
+        storage = {} if args.throughput_only else {k: storage_at_k(llm, prompts, outs, k, work, args.shard_rows) for k in (8, 32, 50)}
 
     if not args.storage_only:
         bare_tps, ray_tps, bare_steady = bare_tokens / bare_s, ray_tokens / ray_s, bare_tokens / bare_gen_s
@@ -184,7 +190,10 @@ def main() -> int:
     figures.update({f"bytes_per_token_k{k}": round(b, 1) for k, (b, _, _) in storage.items()})
     figures.update({f"kl_k{k}": kl for k, (_, kl, _) in storage.items()})
     figures.update({f"column_bytes_per_token_k{k}": cols for k, (_, _, cols) in storage.items()})
-    print(f"\n| k | bytes / target token ({args.shard_rows}-row shards) | KL stored vs exact (nats/token) | by column |\n|---|---|---|---|")
+    if not storage:
+        print("\n(storage figures skipped: --throughput-only)")
+    else:
+        print(f"\n| k | bytes / target token ({args.shard_rows}-row shards) | KL stored vs exact (nats/token) | by column |\n|---|---|---|---|")
     for k, (b, kl, cols) in storage.items():
         print(f"| {k} | {b:.1f} | {kl:.2e} | {', '.join(f'{n} {v}' for n, v in cols.items())} |")
     if args.json:
