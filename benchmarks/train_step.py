@@ -4,10 +4,13 @@
    and (b) top-k KD + CE (the trainer's loss), both through the same chunked LM-head path.
    Figure: ``kd_over_ce_ratio`` = (b) / (a).
 2. Loss memory: peak extra memory and time of one forward+backward of the loss at a Gemma 3
-   vocabulary (V = 262,144, H = 640) for the chunked loss versus the naive full-logits loss.
+   vocabulary (V = 262,144, H = 640) for the chunked loss, fused (gradients computed in the
+   forward pass; the trainer's path under ZeRO 0-2) and checkpointed (logits recomputed in
+   backward; its path under ZeRO-3), versus the naive full-logits loss.
    Each variant runs in a fresh subprocess and its peak RSS above the inputs' baseline is read
    from getrusage (CPU) or torch.cuda.max_memory_allocated (GPU).
-   Figure: ``loss_memory_ratio`` = chunked / naive, ``loss_time_ratio`` = chunked / naive.
+   Figures: ``loss_memory_ratio`` = fused / naive, ``loss_time_ratio`` = fused / naive, and the
+   same for the checkpointed path (``checkpointed_memory_ratio``, ``checkpointed_time_ratio``).
 3. Data-parallel scaling: the real train stage (Ray Train + DeepSpeed ZeRO-2, the trainer's own
    loop) on the same synthetic signals with 1 and then 2 workers, each worker taking its share of
    the host's cores. Global tokens/s is the median over the steps after the first two.
@@ -29,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from raydistill.distill.losses import chunked_distill_loss_sums, cross_entropy, distill_token_losses
+from raydistill.distill.losses import chunked_distill_loss_sums, cross_entropy, distill_token_losses, fused_linear_loss_sums
 
 
 def fake_teacher(n: int, vocab: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,14 +43,13 @@ def fake_teacher(n: int, vocab: int, k: int, gen: torch.Generator) -> tuple[torc
 
 
 def chunked_ce_sum(hidden, lm_head, targets, chunk_tokens):
-    """CE-only twin of ``chunked_distill_loss_sums``: same chunking and recomputation."""
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], chunk_tokens):
-        sl = slice(start, start + chunk_tokens)
-        total = total + torch.utils.checkpoint.checkpoint(
-            lambda h, t: cross_entropy(lm_head(h), t).sum(), hidden[sl], targets[sl], use_reentrant=False
-        )
-    return total
+    """CE-only twin of ``chunked_distill_loss_sums``: the same fused chunked LM-head path."""
+
+    def ce_sums(logits, t):
+        ce = cross_entropy(logits, t).sum()
+        return ce, ce.detach(), ce.detach()
+
+    return fused_linear_loss_sums(hidden, lm_head, ce_sums, chunk_tokens, targets)[0]
 
 
 def throughput(args) -> dict:
@@ -70,9 +72,9 @@ def throughput(args) -> dict:
         hidden = model.model(input_ids=ids).last_hidden_state[:, :-1].reshape(-1, config.hidden_size)
         targets = ids[:, 1:].reshape(-1)
         if kd:
-            # always_recompute: the CE twin checkpoints every chunk, so the KD path must too.
+            # More tokens than one chunk, so this is the fused path, like the CE twin's.
             total, _, _ = chunked_distill_loss_sums(hidden, model.lm_head, targets, topk_ids, topk_lp, "forward_kl", 0.1,
-                                                    chunk_tokens=args.chunk_tokens, always_recompute=True)
+                                                    chunk_tokens=args.chunk_tokens)
         else:
             total = chunked_ce_sum(hidden, model.lm_head, targets, args.chunk_tokens)
         (total / targets.numel()).backward()
@@ -191,8 +193,9 @@ def loss_memory_child(variant: str, tokens: int, vocab: int, hidden_size: int, c
     if variant == "naive":
         total, _, _ = distill_token_losses(lm_head(hidden), targets, topk_ids, topk_lp, ce_weight=0.1)
         total = total.sum()
-    else:
-        total, _, _ = chunked_distill_loss_sums(hidden, lm_head, targets, topk_ids, topk_lp, ce_weight=0.1, chunk_tokens=chunk_tokens)
+    else:  # "fused" (the trainer's path under ZeRO 0-2) or "checkpointed" (under ZeRO-3)
+        total, _, _ = chunked_distill_loss_sums(hidden, lm_head, targets, topk_ids, topk_lp, ce_weight=0.1, chunk_tokens=chunk_tokens,
+                                                always_recompute=variant == "checkpointed")
     (total / tokens).backward()
     if device == "cuda":
         torch.cuda.synchronize()
@@ -202,23 +205,27 @@ def loss_memory_child(variant: str, tokens: int, vocab: int, hidden_size: int, c
 
 def loss_memory(args) -> dict:
     results = {}
-    for variant in ("naive", "chunked"):
+    for variant in ("naive", "fused", "checkpointed"):
         cmd = [sys.executable, __file__, "--child", variant, "--mem-tokens", str(args.mem_tokens), "--mem-vocab", str(args.mem_vocab),
                "--mem-hidden", str(args.mem_hidden), "--chunk-tokens", str(args.chunk_tokens), "--device", args.device]
         results[variant] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
-    naive, chunked = results["naive"], results["chunked"]
+    naive, fused, ckpt = results["naive"], results["fused"], results["checkpointed"]
     return {
         "tokens": args.mem_tokens,
         "vocab": args.mem_vocab,
         "hidden": args.mem_hidden,
         "chunk_tokens": args.chunk_tokens,
         "naive_peak_gib": naive["peak_extra_bytes"] / 2**30,
-        "chunked_peak_gib": chunked["peak_extra_bytes"] / 2**30,
+        "fused_peak_gib": fused["peak_extra_bytes"] / 2**30,
+        "checkpointed_peak_gib": ckpt["peak_extra_bytes"] / 2**30,
         "naive_seconds": naive["seconds"],
-        "chunked_seconds": chunked["seconds"],
-        "loss_memory_ratio": chunked["peak_extra_bytes"] / naive["peak_extra_bytes"],
-        "loss_time_ratio": chunked["seconds"] / naive["seconds"],
-        "loss_values_match": abs(naive["loss"] - chunked["loss"]) <= 1e-4 * max(1.0, abs(naive["loss"])),
+        "fused_seconds": fused["seconds"],
+        "checkpointed_seconds": ckpt["seconds"],
+        "loss_memory_ratio": fused["peak_extra_bytes"] / naive["peak_extra_bytes"],
+        "loss_time_ratio": fused["seconds"] / naive["seconds"],
+        "checkpointed_memory_ratio": ckpt["peak_extra_bytes"] / naive["peak_extra_bytes"],
+        "checkpointed_time_ratio": ckpt["seconds"] / naive["seconds"],
+        "loss_values_match": all(abs(naive["loss"] - v["loss"]) <= 1e-4 * max(1.0, abs(naive["loss"])) for v in (fused, ckpt)),
     }
 
 
@@ -242,7 +249,7 @@ def main(argv=None) -> int:
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--skip-workers", action="store_true")
     p.add_argument("--scaling-steps", type=int, default=8, help="optimizer steps per worker count in the scaling run")
-    p.add_argument("--child", choices=["naive", "chunked"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["naive", "fused", "checkpointed"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

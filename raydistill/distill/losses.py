@@ -306,6 +306,75 @@ def distill_token_losses(
     return (1.0 - ce_weight) * kd + ce_weight * ce, kd, ce
 
 
+class _FusedLinearLoss(torch.autograd.Function):
+    """Sums of a per-token loss over ``lm_head(hidden)``, one chunk of tokens at a time, with the
+    chunk's gradients computed during the forward pass.
+
+    Each chunk's [chunk, V] logits exist only while that chunk is processed: the loss's gradient
+    with respect to them is taken at once and turned into the chunk's hidden-state gradient and
+    its share of the head's weight gradient (accumulated in place). Backward then only scales
+    the stored gradients. This is the approach of Liger-Kernel's fused linear cross-entropy,
+    written over torch autograd so that every loss of the family works unchanged; we do not
+    depend on Liger because it has no top-k + tail KD losses and no CPU path. Against
+    checkpointing, which recomputes each chunk's logits in backward, it saves one [chunk, H] x
+    [H, V] matmul per chunk, so it costs the naive loss's three, with the naive loss's O(N * V)
+    logits never held at once. Not for ZeRO-3, where each head call is a collective (see
+    ``chunked_distill_loss_sums``).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, chunk_fn, chunk_tokens, *chunk_args):
+        needs_h, needs_w = hidden.requires_grad, weight.requires_grad
+        needs_b = bias is not None and bias.requires_grad
+        grad_h = torch.zeros_like(hidden) if needs_h else None
+        # The weight gradient accumulates in at least float32 whatever the head's dtype (bf16 sums
+        # of many chunks would lose bits); it is cast back once, in backward.
+        acc = torch.promote_types(weight.dtype, torch.float32)
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs_w else None
+        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if needs_b else None
+        sums = torch.zeros(3, dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_tokens):
+            sl = slice(start, start + chunk_tokens)
+            h = hidden[sl].detach()
+            with torch.enable_grad():
+                logits = F.linear(h, weight.detach(), None if bias is None else bias.detach()).requires_grad_(True)
+                total, kd, ce = chunk_fn(logits, *(a[sl] for a in chunk_args))
+                (g_logits,) = torch.autograd.grad(total, logits)
+            sums += torch.stack([total.detach().float(), kd.detach().float(), ce.detach().float()])
+            if needs_h:
+                grad_h[sl] = g_logits @ weight.detach()
+            if needs_w:
+                grad_w.addmm_(g_logits.t().to(acc), h.to(acc))
+            if needs_b:
+                grad_b += g_logits.to(acc).sum(0)
+            del logits, g_logits
+        ctx.save_for_backward(*(t for t in (grad_h, grad_w, grad_b) if t is not None))
+        ctx.has = (needs_h, needs_w, needs_b)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        ctx.n_chunk_args = len(chunk_args)
+        kd_sum, ce_sum = sums[1].clone(), sums[2].clone()
+        ctx.mark_non_differentiable(kd_sum, ce_sum)
+        return sums[0].clone(), kd_sum, ce_sum
+
+    @staticmethod
+    def backward(ctx, g_total, _g_kd, _g_ce):
+        saved = iter(ctx.saved_tensors)
+        needs_h, needs_w, needs_b = ctx.has
+        grad_h = next(saved) * g_total if needs_h else None
+        grad_w = (next(saved) * g_total).to(ctx.dtypes[0]) if needs_w else None
+        grad_b = (next(saved) * g_total).to(ctx.dtypes[1]) if needs_b else None
+        return (grad_h, grad_w, grad_b, None, None) + (None,) * ctx.n_chunk_args
+
+
+def fused_linear_loss_sums(hidden: torch.Tensor, lm_head: torch.nn.Linear, chunk_fn, chunk_tokens: int, *chunk_args: torch.Tensor):
+    """(total, kd, ce) sums of ``chunk_fn(logits_chunk, *args_chunk)`` over ``lm_head(hidden)`` in chunks.
+
+    hidden: [N, H]; each of ``chunk_args`` has N rows and is sliced with the chunk. ``chunk_fn``
+    returns three scalar sums, and only the first is differentiated. See ``_FusedLinearLoss``.
+    """
+    return _FusedLinearLoss.apply(hidden, lm_head.weight, lm_head.bias, chunk_fn, chunk_tokens, *chunk_args)
+
+
 def chunked_distill_loss_sums(
     hidden: torch.Tensor,
     lm_head: torch.nn.Module,
@@ -322,22 +391,30 @@ def chunked_distill_loss_sums(
     """Sums over tokens of (total, kd, ce), computing logits ``chunk_tokens`` rows at a time.
 
     hidden: [N, H] final hidden states at the positions that predict ``targets`` [N].
-    With more than one chunk, each chunk's [chunk, V] logits are recomputed in backward
-    (activation checkpointing) rather than kept, so loss memory stays O(chunk * V) instead of
-    O(N * V) at large vocabularies.
+    With more than one chunk, no chunk's [chunk, V] logits outlive it, so loss memory stays
+    O(chunk * V) instead of O(N * V) at large vocabularies: an ``nn.Linear`` head gets the fused
+    path (each chunk's gradients computed in the forward pass, ``_FusedLinearLoss``), any other
+    head activation checkpointing (logits recomputed in backward).
     ``loss_params`` are passed to the loss as in ``distill_token_losses``. ``always_recompute``
-    checkpoints a single chunk too: under ZeRO-3 every LM-head call is a collective, so all
-    ranks must call it the same way whatever their token counts.
+    checkpoints every chunk, a single one too: under ZeRO-3 every LM-head call is a collective
+    (parameter gathering in forward, recompute and backward), so all ranks must call it the
+    same way whatever their token counts, and the fused path's direct use of the weight would
+    bypass the gathering.
     """
 
-    def chunk_sums(h, t, ids, lp):
-        total, kd, ce = distill_token_losses(lm_head(h), t, ids, lp, loss, ce_weight, temperature, loss_params)
+    def logit_sums(logits, t, ids, lp):
+        total, kd, ce = distill_token_losses(logits, t, ids, lp, loss, ce_weight, temperature, loss_params)
         return total.sum(), kd.sum(), ce.sum()
+
+    def chunk_sums(h, t, ids, lp):
+        return logit_sums(lm_head(h), t, ids, lp)
 
     if hidden.shape[0] <= chunk_tokens and not always_recompute:
         # One chunk: its logits are within the O(chunk * V) bound already, so keeping them for
         # backward costs no extra memory and saves recomputing the LM head (a third of its cost).
         return chunk_sums(hidden, targets, topk_ids, topk_logprobs)
+    if not always_recompute and type(lm_head) is torch.nn.Linear:
+        return fused_linear_loss_sums(hidden, lm_head, logit_sums, chunk_tokens, targets, topk_ids, topk_logprobs)
     sums = [hidden.new_zeros((), dtype=torch.float32) for _ in range(3)]
     for start in range(0, hidden.shape[0], chunk_tokens):
         sl = slice(start, start + chunk_tokens)

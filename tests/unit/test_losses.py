@@ -306,3 +306,50 @@ def test_family_golden_values(name):
     value = LOSSES[name](z, ids, lps.float(), **params).mean().item()
     assert value == pytest.approx(_dense_reference(name, p, ids, z).mean().item(), rel=1e-5)
     assert value == pytest.approx(GOLDEN[name], rel=1e-5)
+
+
+class _HeadNotLinear(torch.nn.Module):
+    """An LM head that is not an nn.Linear: the chunked loss must checkpoint it instead of fusing."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, h):
+        return self.linear(h)
+
+
+@pytest.mark.parametrize("bias,frozen_head", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "jsd", "tvd"])
+def test_chunked_paths_match_the_dense_loss_in_value_and_gradient(name, bias, frozen_head):
+    """Fused (gradients in the forward), checkpointed (ZeRO-3) and other-head paths against one dense pass."""
+    params, _ = REFERENCES[name]
+    torch.manual_seed(1)
+    H = 16
+    head = torch.nn.Linear(H, V, bias=bias).double()
+    head.requires_grad_(not frozen_head)
+    hidden = torch.randn(N, H, dtype=torch.float64, requires_grad=True)
+    _, ids, lps = _teacher(23)
+    targets = ids[:, 1]
+    results = {}
+    for path in ("dense", "fused", "checkpointed", "other_head"):
+        hidden.grad = None
+        head.zero_grad()
+        if path == "dense":
+            total = distill_token_losses(head(hidden), targets, ids, lps, name, 0.3, 1.5, loss_params=params)[0].sum()
+            kd = distill_token_losses(head(hidden), targets, ids, lps, name, 0.3, 1.5, loss_params=params)[1].sum()
+        else:
+            module = _HeadNotLinear(head) if path == "other_head" else head
+            total, kd, _ = chunked_distill_loss_sums(hidden, module, targets, ids, lps, name, 0.3, 1.5, chunk_tokens=3,
+                                                     loss_params=params, always_recompute=path == "checkpointed")
+            assert not kd.requires_grad or path != "fused"
+        (0.7 * total).backward()
+        grads = [hidden.grad.clone()] + [p.grad.clone() for p in head.parameters() if p.requires_grad]
+        results[path] = (float(total), float(kd), grads)
+    dense = results.pop("dense")
+    for path, (total, kd, grads) in results.items():
+        assert total == pytest.approx(dense[0], rel=1e-5, abs=1e-6), path
+        assert kd == pytest.approx(dense[1], rel=1e-5, abs=1e-6), path
+        assert len(grads) == len(dense[2]) == (1 if frozen_head else 2 + bias)
+        for g, ref in zip(grads, dense[2]):
+            torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-7, msg=path)
