@@ -24,7 +24,7 @@ quickstart: setup
 	$(VENV)/bin/raydistill run configs/quickstart.yaml
 
 test: setup
-	$(PY) -m pytest -p no:cacheprovider tests
+	$(PY) -m pytest -p no:cacheprovider --durations=25 tests
 
 test-unit: setup
 	$(PY) -m pytest -q tests/unit

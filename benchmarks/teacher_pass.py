@@ -104,7 +104,7 @@ def storage_at_k(llm, prompts: list[str], outs, k: int, work: Path, shard_rows: 
     exact = pa.Table.from_pylist(rows).cast(SIGNAL_SCHEMA)
     # The stage learns the id renumbering from the first engine batch it writes: the default
     # teacher.batch_size (16) rows here.
-    id_order = learn_id_order(exact.slice(0, 16)["topk_ids"].combine_chunks().flatten().flatten().to_numpy())
+    id_order = learn_id_order(exact.slice(0, 16)["topk_ids"])
     paths = []
     for i in range(0, exact.num_rows, shard_rows):
         paths.append(work / f"k{k}-{i // shard_rows:05d}.parquet")

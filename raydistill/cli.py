@@ -85,7 +85,7 @@ def cmd_eval(args) -> int:
     spec = load_spec(run_dir / "spec.yaml", args.set)
     init_ray(spec.runtime)
     out = run_eval_stage(spec.eval, spec.train.max_seq_len, str(run_dir / "student"), resolve_model(spec.teacher.model),
-                         str(run_dir / "signals"), str(run_dir), spec.teacher.engine_args, spec.teacher.cpu_kv_cache_gib)
+                         str(run_dir / "signals"), str(run_dir), spec.teacher.engine_args, spec.teacher.cpu_engine_env())
     print(f"Report: {Path(out['report']).with_suffix('.md')}")
     return 0
 

@@ -72,10 +72,27 @@ class TeacherSpec(_Section):
     use_gpu: bool = Field(False, description="Place each engine on GPUs (tensor_parallel_size of them) instead of one CPU bundle.")
     accelerator_type: str | None = Field(None, description="Ray accelerator type for the engines on a cluster, e.g. 'H100' or 'A10G'.")
     cpu_kv_cache_gib: int = Field(1, ge=1, description="KV cache per engine in GiB when vLLM runs on CPU (VLLM_CPU_KVCACHE_SPACE).")
+    cpu_threads_bind: str = Field(
+        "auto",
+        pattern=r"^(auto|all|nobind|[0-9][0-9,|-]*)$",
+        description=(
+            "Cores the model threads of a CPU engine run on (vLLM's VLLM_CPU_OMP_THREADS_BIND), for the teacher pass and the "
+            "report's generation runs: 'auto' (vLLM's default, which leaves one core per engine to its scheduler: half of a "
+            "2-core machine), 'all' (every core the driver's machine lets this process use; fastest for one engine on a small "
+            "machine), 'nobind', or vLLM's own CPU lists such as '0-3|4-7'. No effect on GPU engines."
+        ),
+    )
     resources: dict[str, float] = Field(
         default_factory=dict,
         description="Extra Ray resources each engine's bundle asks for, e.g. {teacher: 1} to pin engines to a node type the autoscaler adds.",
     )
+
+    def cpu_engine_env(self) -> dict[str, str]:
+        """The environment variables a vLLM-CPU engine of this teacher starts with (ignored by GPU engines)."""
+        bind = self.cpu_threads_bind
+        if bind == "all":
+            bind = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
+        return {"VLLM_CPU_KVCACHE_SPACE": str(self.cpu_kv_cache_gib), "VLLM_CPU_OMP_THREADS_BIND": bind}
 
     @field_validator("replicas", mode="before")
     @classmethod
@@ -299,6 +316,7 @@ class TrainSpec(_Section):
 class EvalSpec(_Section):
     enabled: bool = Field(True, description="Run the evaluation stage.")
     batch_size: int = Field(8, ge=1, description="Held-out sequences per scoring batch.")
+    num_cpus: int = Field(1, ge=1, description="CPUs (and torch threads) of the scoring actor, which holds the student and the teacher.")
     side_by_side: int = Field(4, ge=0, description="Held-out prompts shown with the student's and the teacher's greedy answers in the report.")
     measure_speed: bool = Field(True, description="Measure generation tokens/s of the student and the teacher on the same vLLM engine settings (the teacher's).")
     speed_prompts: int = Field(16, ge=1, description="Held-out prompts generated in the speed measurement.")

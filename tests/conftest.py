@@ -1,7 +1,14 @@
+import json
 import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = str(Path(sys.executable).parent / "raydistill")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -11,9 +18,54 @@ def _isolated_model_cache(tmp_path_factory):
     yield
 
 
-@pytest.fixture
-def free_port() -> int:
-    """A loopback TCP port that nothing is listening on."""
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A loopback TCP port that nothing is listening on."""
+    return _free_port()
+
+
+def _run_cli(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run([CLI, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
+
+
+@pytest.fixture(scope="session")
+def run_cli():
+    """``run_cli(args, timeout)``: the ``raydistill`` command from the repository root, output captured."""
+    return _run_cli
+
+
+# The overrides of configs/tiny.yaml that the shared run uses: the report's vLLM generation on (so
+# the eval checks see speed and side-by-side answers) and a short training.
+TINY_RUN_OVERRIDES = ["eval.measure_speed=true", "eval.side_by_side=2", "eval.speed_prompts=4", "train.max_steps=6"]
+
+
+@pytest.fixture(scope="session")
+def tiny_spec(tmp_path_factory):
+    from raydistill.spec import load_spec
+
+    run_dir = tmp_path_factory.mktemp("run")
+    return load_spec(ROOT / "configs" / "tiny.yaml", [f"runtime.run_dir={run_dir}", f"data.path={ROOT / 'configs/data/tiny_prompts.jsonl'}",
+                                                      f"serve.port={_free_port()}", *TINY_RUN_OVERRIDES])
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_spec):
+    """``raydistill run configs/tiny.yaml`` once per test session, as a user runs it.
+
+    The e2e test checks what it leaves behind and the stage tests check each stage's output in
+    it: one whole tiny pipeline instead of one per tier (each costs minutes on 2 cores).
+    Returns (the run's args, the finished process, the manifest).
+    """
+    s = tiny_spec
+    args = ["run", "configs/tiny.yaml", "--set", f"runtime.run_dir={s.runtime.run_dir}", "--set", f"data.path={s.data.path}",
+            "--set", f"serve.port={s.serve.port}", *(x for o in TINY_RUN_OVERRIDES for x in ("--set", o))]
+    proc = _run_cli(args, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    manifest = json.loads((Path(s.runtime.run_dir) / "manifest.json").read_text())
+    return args, proc, manifest

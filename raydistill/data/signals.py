@@ -123,8 +123,11 @@ PARQUET_WRITE_ARGS = {
 ID_ORDER_MAX = 65536
 
 
-def learn_id_order(topk_ids: np.ndarray, max_ids: int = ID_ORDER_MAX) -> list[int]:
-    """The ids in ``topk_ids`` (any shape), most frequent first (ties: smaller id first), at most ``max_ids``."""
+def learn_id_order(topk_ids, max_ids: int = ID_ORDER_MAX) -> list[int]:
+    """The ids in ``topk_ids`` (a signal table's ``topk_ids`` column, or an array of any shape), most
+    frequent first (ties: smaller id first), at most ``max_ids``."""
+    if isinstance(topk_ids, (pa.Array, pa.ChunkedArray)):
+        topk_ids = _nested_values(topk_ids)[2]
     ids, counts = np.unique(np.asarray(topk_ids, dtype=np.int64).reshape(-1), return_counts=True)
     order = np.argsort(-counts, kind="stable")  # np.unique sorts ids, so ties stay in id order
     return ids[order][:max_ids].tolist()
@@ -183,12 +186,13 @@ def write_signal_meta(signals_dir: str | Path, meta: dict) -> None:
     """Write ``_signals.json`` atomically (a reader never sees half a file)."""
     Path(signals_dir).mkdir(parents=True, exist_ok=True)
     tmp = Path(signals_dir) / f".{META_FILE}.tmp"
-    # The id order is a long list of ints; one line keeps the file readable.
-    text = json.dumps({"schema_version": SCHEMA_VERSION, **{k: v for k, v in meta.items() if k != "topk_id_order"}}, indent=2)
-    if "topk_id_order" in meta:
-        text = text[:-2] + ',\n  "topk_id_order": ' + json.dumps(list(meta["topk_id_order"])) + "\n}"
-    tmp.write_text(text)
+    tmp.write_text(json.dumps({**meta, "schema_version": SCHEMA_VERSION}, indent=2))
     os.replace(tmp, Path(signals_dir) / META_FILE)
+
+
+def update_signal_meta(signals_dir: str | Path, **fields) -> None:
+    """Add or replace fields of an existing ``_signals.json`` (atomically, as ``write_signal_meta``)."""
+    write_signal_meta(signals_dir, {**read_signal_meta(signals_dir), **fields})
 
 
 def read_signal_meta(signals_dir: str | Path) -> dict:

@@ -448,7 +448,7 @@ def run_train_stage(
     from ray.train.torch import TorchConfig, TorchTrainer
     from transformers import AutoTokenizer
 
-    from raydistill.data.signals import check_tokenizer_matches, read_signals
+    from raydistill.data.signals import check_tokenizer_matches, load_signals, read_signals
     from raydistill.distill.init import prepare_student
 
     if student is not None and student.init == "prune_from_teacher":
@@ -459,7 +459,9 @@ def run_train_stage(
         raise ValueError("student.model: required when student.init is 'pretrained'")
     check_tokenizer_matches(signals_dir, AutoTokenizer.from_pretrained(student_path))
     train_ds = read_signals(signals_dir, split="train")
-    n_rows = train_ds.count()
+    # Counted from the split column with pyarrow: Dataset.count() would run the whole read and
+    # filter through Ray Data once more before training starts.
+    n_rows = load_signals(signals_dir, columns=["split"])["split"].to_pylist().count("train")
     if n_rows < train.workers:
         raise ValueError(f"only {n_rows} training rows in {signals_dir}; train.workers={train.workers} needs at least one each")
     steps = total_steps(train, n_rows)

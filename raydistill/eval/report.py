@@ -29,11 +29,8 @@ def model_size(model_dir: str) -> dict:
     return {"parameters": params, "bytes_on_disk": size}
 
 
-def _generate(model_dir: str, engine_args: dict, kv_cache_gib: int, prompts: list[str], side_by_side: int, max_tokens: int) -> dict:
+def _generate(model_dir: str, engine_args: dict, prompts: list[str], side_by_side: int, max_tokens: int) -> dict:
     """Body of the Ray task: greedy answers for the first prompts, then a timed fixed-length run."""
-    import os
-
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=model_dir, **engine_args)
@@ -47,14 +44,15 @@ def _generate(model_dir: str, engine_args: dict, kv_cache_gib: int, prompts: lis
     return {"answers": answers, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
 
 
-def generation_runs(models: dict[str, str], engine_args: dict, kv_cache_gib: int, prompts: list[str], side_by_side: int, max_tokens: int) -> dict:
+def generation_runs(models: dict[str, str], engine_args: dict, engine_env: dict[str, str], prompts: list[str], side_by_side: int, max_tokens: int) -> dict:
+    """``engine_env``: the environment the engines start with (``TeacherSpec.cpu_engine_env``)."""
     import ray
 
-    task = ray.remote(num_cpus=1)(_generate)
+    task = ray.remote(num_cpus=1, runtime_env={"env_vars": engine_env})(_generate)
     out = {}
     for name, path in models.items():  # one at a time: two engines at once would share the cores
         print(f"[eval] generating with the {name} on vLLM ...", flush=True)
-        out[name] = ray.get(task.remote(path, engine_args, kv_cache_gib, prompts, side_by_side, max_tokens))
+        out[name] = ray.get(task.remote(path, engine_args, prompts, side_by_side, max_tokens))
     return out
 
 

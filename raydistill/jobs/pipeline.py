@@ -96,7 +96,7 @@ def run_pipeline(spec: JobSpec, stages: list[str] | None = None) -> dict:
                 out.update(run_train_stage(spec.train, spec.distill, student_path, str(signals_dir), str(run_dir), student=spec.student, teacher_path=teacher_path))
             elif name == "eval":
                 out.update(run_eval_stage(spec.eval, spec.train.max_seq_len, str(student_dir), teacher_path, str(signals_dir), str(run_dir),
-                                          spec.teacher.engine_args, spec.teacher.cpu_kv_cache_gib))
+                                          spec.teacher.engine_args, spec.teacher.cpu_engine_env()))
             elif name == "serve-check":
                 out.update(serve_check(str(student_dir), spec.model_id, spec.serve, _first_eval_prompt(signals_dir)))
                 print(f"[serve-check] {out['prompt']!r} -> {out['answer']!r}", flush=True)

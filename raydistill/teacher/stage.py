@@ -129,7 +129,7 @@ def build_teacher_processor(teacher: TeacherSpec, teacher_pass: TeacherPassSpec,
     config = vLLMEngineProcessorConfig(
         model_source=model_path,
         engine_kwargs=engine_kwargs(teacher, teacher_pass),
-        runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(teacher.cpu_kv_cache_gib)}},
+        runtime_env={"env_vars": teacher.cpu_engine_env()},
         placement_group_config={"bundles": [bundle] * tp},
         accelerator_type=teacher.accelerator_type,
         batch_size=teacher.batch_size,
@@ -167,29 +167,20 @@ class _RejectSink:
         self.id_order = read_signal_meta(signals_dir).get("topk_id_order")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rejected = batch.filter(pa.compute.not_equal(batch["reject"], ""))
-        if rejected.num_rows:
-            _write_rejects(self.parts_dir, rejected.select(["source", "id", "reject"]).to_pylist())
-        good = batch.filter(pa.compute.equal(batch["reject"], "")).select(SIGNAL_COLUMNS).cast(SIGNAL_SCHEMA)
+        good = _drop_bad_rows(batch, self.parts_dir).select(SIGNAL_COLUMNS).cast(SIGNAL_SCHEMA)
         if self.id_order is None and good.num_rows:
-            self.id_order = self._learn_id_order(good)
+            from raydistill.data.signals import learn_id_order, update_signal_meta
+
+            self.id_order = learn_id_order(good["topk_ids"])
+            update_signal_meta(self.signals_dir, topk_id_order=self.id_order)
         return encode_signals(good, id_order=self.id_order or ())
-
-    def _learn_id_order(self, good: pa.Table) -> list[int]:
-        from raydistill.data.signals import learn_id_order, read_signal_meta, write_signal_meta
-
-        order = learn_id_order(good["topk_ids"].combine_chunks().flatten().flatten().to_numpy())
-        meta = read_signal_meta(self.signals_dir)
-        meta.pop("schema_version", None)
-        write_signal_meta(self.signals_dir, {**meta, "topk_id_order": order})
-        return order
 
 
 def _drop_bad_rows(batch: pa.Table, parts_dir: str) -> pa.Table:
-    """Write a batch's bad input rows to a part file under ``_rejected_parts/``; return the good ones."""
+    """Write a batch's rows that have ``reject`` set to a part file under ``_rejected_parts/``; return the others."""
     bad = batch.filter(pa.compute.not_equal(batch["reject"], ""))
     if bad.num_rows:
-        _write_rejects(parts_dir, bad.select(["source", "id", "reject", "raw"]).to_pylist())
+        _write_rejects(parts_dir, bad.select([c for c in ("source", "id", "reject", "raw") if c in bad.column_names]).to_pylist())
     return batch.filter(pa.compute.equal(batch["reject"], ""))
 
 

@@ -1,30 +1,19 @@
 """Drive ``raydistill run configs/tiny.yaml`` like a user and check what it leaves behind."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-from raydistill.data.signals import load_signals
 import pytest
+
+from raydistill.data.signals import load_signals
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
-CLI = str(Path(sys.executable).parent / "raydistill")
 
 
-def _run(args, timeout):
-    return subprocess.run([CLI, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
-
-
-def test_tiny_run_end_to_end_then_rerun_skips(tmp_path, free_port):
-    run_dir = tmp_path / "run"
-    args = ["run", "configs/tiny.yaml", "--set", f"runtime.run_dir={run_dir}", "--set", f"serve.port={free_port}"]
-    proc = _run(args, timeout=1500)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-
-    manifest = json.loads((run_dir / "manifest.json").read_text())
+def test_tiny_run_end_to_end_then_rerun_skips(tiny_run, tiny_spec, run_cli):
+    args, proc, manifest = tiny_run
+    run_dir = Path(tiny_spec.runtime.run_dir)
     assert {n: s["status"] for n, s in manifest["stages"].items()} == {s: "succeeded" for s in ("teacher", "train", "eval", "serve-check")}
 
     corpus_ids = [json.loads(l)["id"] for l in (ROOT / "configs/data/tiny_prompts.jsonl").read_text().splitlines() if l.strip()]
@@ -43,13 +32,13 @@ def test_tiny_run_end_to_end_then_rerun_skips(tmp_path, free_port):
     assert (run_dir / "spec.yaml").exists()
     assert f"raydistill serve {run_dir}" in proc.stdout
 
-    again = _run(args, timeout=600)
+    again = run_cli(args, timeout=600)
     assert again.returncode == 0, again.stderr[-4000:]
     assert again.stdout.count("already succeeded") == 4
 
 
-def test_validate_lists_every_error():
-    proc = _run(["validate", "configs/tiny.yaml", "--set", "train.zero_stage=4", "--set", "distill.loss=l2", "--set", "data.path=/nope.jsonl"], timeout=120)
+def test_validate_lists_every_error(run_cli):
+    proc = run_cli(["validate", "configs/tiny.yaml", "--set", "train.zero_stage=4", "--set", "distill.loss=l2", "--set", "data.path=/nope.jsonl"], timeout=120)
     assert proc.returncode == 2
     for key in ("train.zero_stage: 4", "distill.loss: 'l2'", "data.path: '/nope.jsonl'"):
         assert key in proc.stderr

@@ -1,12 +1,6 @@
-"""Shared, expensive fixtures: one local Ray and one run of each stage per test session."""
-
-from pathlib import Path
+"""Shared, expensive fixtures: one local Ray and the tiny models per test session."""
 
 import pytest
-
-from raydistill.spec import load_spec
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")
@@ -19,13 +13,6 @@ def ray_local():
 
 
 @pytest.fixture(scope="session")
-def tiny_spec(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("run")
-    return load_spec(ROOT / "configs" / "tiny.yaml", [f"runtime.run_dir={run_dir}", f"data.path={ROOT / 'configs/data/tiny_prompts.jsonl'}",
-                                                      "eval.measure_speed=true", "eval.side_by_side=2", "eval.speed_prompts=4"])
-
-
-@pytest.fixture(scope="session")
 def model_paths(tiny_spec):
     from raydistill.models import resolve_model
 
@@ -33,17 +20,12 @@ def model_paths(tiny_spec):
 
 
 @pytest.fixture(scope="session")
-def teacher_run(ray_local, tiny_spec, model_paths):
-    from raydistill.teacher.stage import run_teacher_stage
-
-    signals_dir = str(Path(tiny_spec.runtime.run_dir) / "signals")
-    out = run_teacher_stage(tiny_spec.data, tiny_spec.teacher, tiny_spec.teacher_pass, model_paths[0], signals_dir)
-    return out
+def teacher_run(tiny_run):
+    """The teacher stage's outputs in the shared tiny run."""
+    return tiny_run[2]["stages"]["teacher"]["outputs"]
 
 
 @pytest.fixture(scope="session")
-def train_run(ray_local, tiny_spec, model_paths, teacher_run):
-    from raydistill.distill.train import run_train_stage
-
-    train = tiny_spec.train.model_copy(update={"max_steps": 6})
-    return run_train_stage(train, tiny_spec.distill, model_paths[1], teacher_run["signals_dir"], tiny_spec.runtime.run_dir)
+def train_run(tiny_run):
+    """The train stage's outputs in the shared tiny run."""
+    return tiny_run[2]["stages"]["train"]["outputs"]

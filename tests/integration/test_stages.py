@@ -1,4 +1,5 @@
-"""Each stage on a local Ray with the tiny models and the real vLLM, DeepSpeed and Serve."""
+"""Each stage's output in the shared tiny run (tests/conftest.py ``tiny_run``): the tiny models on a
+local Ray with the real vLLM, DeepSpeed and Serve."""
 
 import json
 import math
@@ -85,7 +86,7 @@ def test_train_stage_exports_loadable_student(train_run, tiny_spec, model_paths)
     assert tok("the river").input_ids == AutoTokenizer.from_pretrained(model_paths[0])("the river").input_ids
 
     metrics = [json.loads(l) for l in Path(train_run["metrics"]).read_text().splitlines()]
-    assert [m["step"] for m in metrics] == list(range(1, 7))
+    assert [m["step"] for m in metrics] == list(range(1, tiny_spec.train.max_steps + 1))
     for m in metrics:
         assert math.isfinite(m["loss"]) and m["kd"] >= 0 and m["ce"] > 0
         assert m["loss"] == pytest.approx((1 - tiny_spec.distill.ce_weight) * m["kd"] + tiny_spec.distill.ce_weight * m["ce"], rel=1e-4)
@@ -93,14 +94,12 @@ def test_train_stage_exports_loadable_student(train_run, tiny_spec, model_paths)
     assert ds_config["zero_optimization"]["stage"] == 2
 
 
-def test_eval_stage_scores_student_and_teacher(train_run, tiny_spec, model_paths, teacher_run):
-    from raydistill.eval.stage import run_eval_stage
-
+def test_eval_stage_scores_student_and_teacher(tiny_run, train_run, tiny_spec, model_paths, teacher_run):
     from transformers import AutoModelForCausalLM
 
-    out = run_eval_stage(tiny_spec.eval, tiny_spec.train.max_seq_len, train_run["student_dir"], model_paths[0], teacher_run["signals_dir"],
-                         tiny_spec.runtime.run_dir, tiny_spec.teacher.engine_args, tiny_spec.teacher.cpu_kv_cache_gib)
+    out = tiny_run[2]["stages"]["eval"]["outputs"]
     report = json.loads(Path(out["report"]).read_text())
+    assert out["kl_to_teacher"] == report["kl_to_teacher"]
     assert report["eval_sequences"] == teacher_run["eval_rows"] > 0
     # The teacher sampled these responses itself, so it must explain them better than a barely trained student.
     assert report["teacher"]["nll"] < report["student"]["nll"]
@@ -117,10 +116,8 @@ def test_eval_stage_scores_student_and_teacher(train_run, tiny_spec, model_paths
     assert "Top-1 agreement" in md and "![training loss](loss_curve.png)" in md and report["side_by_side"][0]["prompt"] in md
 
 
-def test_serve_check_answers_a_completion(train_run, tiny_spec, free_port):
-    from raydistill.serving.app import serve_check
-
-    serve = tiny_spec.serve.model_copy(update={"port": free_port})
-    out = serve_check(train_run["student_dir"], "tiny-student", serve, "Describe the quiet forest.")
-    assert out["model"] == "tiny-student" and isinstance(out["answer"], str) and out["answer"]
+def test_serve_check_answers_a_completion(tiny_run, tiny_spec):
+    out = tiny_run[2]["stages"]["serve-check"]["outputs"]
+    assert out["model"] == tiny_spec.model_id and isinstance(out["answer"], str) and out["answer"]
+    assert out["url"] == f"http://127.0.0.1:{tiny_spec.serve.port}/v1/completions"
     assert out["usage"]["completion_tokens"] >= 1

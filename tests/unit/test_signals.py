@@ -188,7 +188,7 @@ def test_encoding_with_an_id_order_stores_codes_and_decodes_the_ids(tmp_path):
     from raydistill.data.signals import PARQUET_WRITE_ARGS, learn_id_order, load_signals, read_signal_meta
 
     table = _random_signal_table(n_rows=10, seed=7)
-    order = learn_id_order(table.slice(0, 2)["topk_ids"].combine_chunks().flatten().flatten().to_numpy())
+    order = learn_id_order(table.slice(0, 2)["topk_ids"])
     stored = encode_signals(table, id_order=order)
     assert stored["topk_ids"].to_pylist() != table["topk_ids"].to_pylist()
     pq.write_table(stored, tmp_path / "part-0.parquet", **PARQUET_WRITE_ARGS)

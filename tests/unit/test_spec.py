@@ -144,3 +144,20 @@ def test_jsd_beta_out_of_range_rejected(tmp_path):
     assert len(err.value.errors) == 1 and err.value.errors[0].startswith("distill.jsd_beta: 1.5"), err.value.errors
     raw["distill"] = {"loss": "skew_reverse_kl", "skew_alpha": 0.0}
     assert load_spec(_write(tmp_path, raw)).distill.skew_alpha == 0.0
+
+
+def test_cpu_engine_env_binds_the_chosen_cores(tmp_path):
+    import os
+
+    raw = _minimal(tmp_path)
+    assert load_spec(_write(tmp_path, raw)).teacher.cpu_engine_env() == {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "auto"}
+    raw["teacher"].update(cpu_threads_bind="all", cpu_kv_cache_gib=3)
+    env = load_spec(_write(tmp_path, raw)).teacher.cpu_engine_env()
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "3"
+    assert [int(c) for c in env["VLLM_CPU_OMP_THREADS_BIND"].split(",")] == sorted(os.sched_getaffinity(0))
+    raw["teacher"]["cpu_threads_bind"] = "0-3|4-7"
+    assert load_spec(_write(tmp_path, raw)).teacher.cpu_engine_env()["VLLM_CPU_OMP_THREADS_BIND"] == "0-3|4-7"
+    raw["teacher"]["cpu_threads_bind"] = "every core"
+    with pytest.raises(SpecError) as err:
+        load_spec(_write(tmp_path, raw))
+    assert "teacher.cpu_threads_bind: 'every core'" in str(err.value)
