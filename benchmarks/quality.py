@@ -127,12 +127,12 @@ def main() -> int:
             print(f"==> [{name}] training: {distill_overrides}", flush=True)
             student_dir = run_train_stage(spec.train, distill, None, signals, str(run_dir), student=spec.student, teacher_path=teacher)["student_dir"]
         train_s = time.perf_counter() - t0
-        run_eval_stage(spec.eval, spec.train.max_seq_len, student_dir, teacher, signals, str(run_dir))
+        run_eval_stage(spec.eval, spec.train.max_seq_len, student_dir, teacher, signals, str(run_dir), spec.teacher.engine_args, spec.teacher.cpu_engine_env())
         rows[name] = {**(distill_overrides or {}), **_scores(run_dir / "eval" / "report.json"), "train_seconds": round(train_s, 1)}
         print(f"==> [{name}] {rows[name]}", flush=True)
 
     # The ceiling: the teacher (transformers) scored against its own stored signals (vLLM).
-    run_eval_stage(spec.eval, spec.train.max_seq_len, teacher, teacher, signals, str(out / "teacher"))
+    run_eval_stage(spec.eval, spec.train.max_seq_len, teacher, teacher, signals, str(out / "teacher"), spec.teacher.engine_args, spec.teacher.cpu_engine_env())
     rows["teacher"] = _scores(out / "teacher" / "eval" / "report.json")
 
     import ray

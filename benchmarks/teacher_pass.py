@@ -2,19 +2,23 @@
 
 Run from the repository root:
 
-    .venv/bin/python benchmarks/teacher_pass.py --json out.json [--model tiny:teacher] [--prompts 256]
+    .venv/bin/python benchmarks/teacher_pass.py --json out.json [--model tiny:teacher] [--prompts 1024]
     .venv/bin/python benchmarks/teacher_pass.py --storage-only --model gemma3-270m --corpus configs/data/quickstart_prompts.jsonl
     .venv/bin/python benchmarks/teacher_pass.py --throughput-only --prompts 1024
 
-1. Throughput: the same prompts with the same engine arguments and sampling through
-   (a) bare ``vllm.LLM.generate`` in this process and (b) raydistill's teacher stage on a local
-   Ray. ``ratio`` = (b)/(a) in generated tokens/s with both timings including engine start-up,
-   since a teacher pass pays it too. ``steady_ratio`` leaves start-up out: (a) times
-   ``generate`` alone, with the engine already up; (b) runs the stage a second time on the
-   first quarter of the prompts (after a discarded 16-prompt warm-up run) and takes the marginal rate, (tokens of the full run - tokens of
-   the quarter run) / (seconds of the full run - seconds of the quarter run), so its fixed
-   start-up cancels. (Shard arrival times cannot stand in for it: the engine interleaves every
-   batch it has been sent, so most shards land together at the end.)
+1. Throughput: the same prompts through (a) bare ``vllm.LLM.generate`` in one process and (b)
+   raydistill's teacher stage on a local Ray, with the same engine arguments and sampling
+   parameters by construction (both come from the stage's own ``engine_kwargs`` and
+   ``sampling_params``, and the bare engine gets the stage's engine environment). Each path runs
+   in a fresh Python process timed from its spawn, so both pay their whole start-up: the
+   interpreter, the imports, Ray (b) and the engine. ``ratio`` = (b)/(a) in generated tokens/s
+   over those whole runs. ``steady_ratio`` leaves start-up out: (a) times ``generate`` alone, with
+   the engine already up; (b) runs the stage a second time, in its own fresh process, on the first
+   quarter of the prompts and takes the marginal rate (tokens of the full run - tokens of the
+   quarter run) / (seconds of the full run - seconds of the quarter run), so its fixed start-up
+   cancels. ``breakeven_tokens`` is the job size (generated tokens) from which ``ratio`` would
+   reach 0.9 at these fixed costs and rates. (Shard arrival times cannot stand in for the steady
+   rate: the engine interleaves every batch it has been sent, so most shards land together.)
 2. Storage: for k in {8, 32, 50}, score the prompts' responses with bare vLLM, encode the signals
    exactly as the stage stores them (``encode_signals`` with the id order learned from the first
    16 rows, ``PARQUET_WRITE_ARGS``, one file per ``--shard-rows`` rows), and report bytes per
@@ -27,6 +31,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +40,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+TARGET_RATIO = 0.9
 
 
 def _prompts(n: int, corpus_path: Path) -> list[str]:
@@ -43,44 +50,124 @@ def _prompts(n: int, corpus_path: Path) -> list[str]:
     return [f"{corpus[i % len(corpus)]} (variant {i})" for i in range(n)]
 
 
-def bare_vllm(model: str, prompts: list[str], engine_args: dict, params: dict) -> tuple:
-    """(seconds incl. engine start, seconds of generate alone, generated tokens, outputs, engine)."""
+def _specs(model_ref: str, corpus: Path, k: int, max_tokens: int, threads_bind: str):
+    """The stage's spec sections for this comparison; the bare path derives its settings from them too."""
+    from raydistill.spec import DataSpec, SamplingSpec, TeacherPassSpec, TeacherSpec
+
+    data = DataSpec(path=str(corpus), eval_fraction=0.0)
+    engine_args = {"max_model_len": 512, "enforce_eager": True, "dtype": "float32", "max_logprobs": 64}
+    teacher = TeacherSpec(model=model_ref, engine_args=engine_args, batch_size=64, cpu_threads_bind=threads_bind)
+    tp = TeacherPassSpec(mode="generate", top_k=k, sampling=SamplingSpec(max_tokens=max_tokens, temperature=1.0, top_p=1.0, seed=0))
+    return data, teacher, tp
+
+
+def _child_bare(args, model: str, out: dict) -> None:
+    """(a): one process, ``LLM(...)`` then one ``generate`` over every prompt text (vLLM tokenizes, as the stage does)."""
+    from raydistill.teacher.stage import engine_kwargs, sampling_params
+
+    _, teacher, tp = _specs(args.model, Path(args.child_corpus), args.k, args.max_tokens, args.cpu_threads_bind)
+    os.environ.update(teacher.cpu_engine_env())
     from vllm import LLM, SamplingParams
 
-    t0 = time.perf_counter()
-    llm = LLM(model=model, **engine_args)
-    t1 = time.perf_counter()
-    outs = llm.generate(prompts, SamplingParams(**params), use_tqdm=False)
-    t2 = time.perf_counter()
-    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    return t2 - t0, t2 - t1, tokens, outs, llm
+    prompts = [json.loads(l)["prompt"] for l in Path(args.child_corpus).read_text().splitlines()]
+    llm = LLM(model=model, **engine_kwargs(teacher, tp))
+    t_ready = time.time()
+    outs = llm.generate(prompts, SamplingParams(**sampling_params(tp)), use_tqdm=False)
+    out.update(done=time.time(), generate_s=time.time() - t_ready, tokens=sum(len(o.outputs[0].token_ids) for o in outs))
 
 
-def raydistill_stage(model_ref: str, model: str, prompts: list[str], engine_args: dict, sampling: dict, k: int, work: Path) -> tuple[float, int]:
-    """(seconds of the stage, generated tokens)."""
-
+def _child_stage(args, model: str, out: dict) -> None:
+    """(b): one process, a local Ray, then ``run_teacher_stage`` over the corpus."""
     import ray
 
     from raydistill.data.signals import load_signals
-    from raydistill.spec import DataSpec, SamplingSpec, TeacherPassSpec, TeacherSpec
     from raydistill.teacher.stage import run_teacher_stage
 
+    data, teacher, tp = _specs(args.model, Path(args.child_corpus), args.k, args.max_tokens, args.cpu_threads_bind)
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    signals = Path(args.child_corpus).parent / "signals"
+    run_teacher_stage(data, teacher, tp, model, str(signals))
+    out["done"] = time.time()
+    ray.shutdown()
+    table = load_signals(signals, columns=["input_ids", "target_start"])
+    out["tokens"] = sum(len(ids) - s for ids, s in zip(table["input_ids"].to_pylist(), table["target_start"].to_pylist()))
+
+
+def _run_child(kind: str, args, prompts: list[str], model: str, work: Path) -> dict:
+    """Run one path in a fresh process; return its figures with ``seconds`` from spawn to done."""
     work.mkdir(parents=True, exist_ok=True)
     corpus = work / "prompts.jsonl"
     corpus.write_text("".join(json.dumps({"id": f"p{i}", "prompt": p}) + "\n" for i, p in enumerate(prompts)))
-    data = DataSpec(path=str(corpus), eval_fraction=0.0)
-    teacher = TeacherSpec(model=model_ref, engine_args={**engine_args, "max_logprobs": 64}, batch_size=64)
-    tp = TeacherPassSpec(mode="generate", top_k=k, sampling=SamplingSpec(**sampling, seed=0))
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
-    try:
-        t0 = time.perf_counter()
-        run_teacher_stage(data, teacher, tp, model, str(work / "signals"))
-        seconds = time.perf_counter() - t0
-    finally:
-        ray.shutdown()
-    table = load_signals(work / "signals", columns=["input_ids", "target_start"])
-    tokens = sum(len(ids) - s for ids, s in zip(table["input_ids"].to_pylist(), table["target_start"].to_pylist()))
-    return seconds, tokens
+    result = work / "result.json"
+    cmd = [sys.executable, __file__, "--child", kind, "--child-corpus", str(corpus), "--child-out", str(result), "--model", args.model,
+           "--k", str(args.k), "--max-tokens", str(args.max_tokens), "--cpu-threads-bind", args.cpu_threads_bind]
+    log = work / "log.txt"
+    spawned = time.time()
+    with open(log, "w") as sink:
+        # Its own process group: the child leaves with os._exit (see the end of this file), which
+        # can orphan vLLM's engine-core and worker processes; they would keep polling and take CPU
+        # from the next timed run, so the whole group is killed before that run starts.
+        proc = subprocess.Popen(cmd, stdout=None if args.verbose else sink, stderr=subprocess.STDOUT if not args.verbose else None, start_new_session=True)
+        proc.wait()
+    _kill_group(proc.pid)
+    if proc.returncode != 0:
+        sys.stderr.write("".join(log.read_text().splitlines(keepends=True)[-40:]))
+        raise RuntimeError(f"the {kind} run failed (exit {proc.returncode}); its output is above")
+    figures = json.loads(result.read_text())
+    figures["seconds"] = figures.pop("done") - spawned
+    print(f"[{kind}] {len(prompts)} prompts: {figures['tokens']} tokens in {figures['seconds']:.1f} s", flush=True)
+    return figures
+
+
+def _kill_group(pgid: int) -> None:
+    """SIGKILL every process left in the process group ``pgid`` and wait until they are gone."""
+    def members() -> list[int]:
+        pids = []
+        for entry in os.listdir("/proc"):
+            try:
+                if entry.isdigit() and int(Path(f"/proc/{entry}/stat").read_text().rsplit(") ", 1)[1].split()[2]) == pgid:
+                    pids.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+        return pids
+
+    for _ in range(100):
+        left = members()
+        if not left:
+            return
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)
+    raise RuntimeError(f"processes of an earlier timed run are still alive: {members()}")
+
+
+def throughput(args, prompts: list[str], model: str, work: Path) -> dict:
+    bare = _run_child("bare", args, prompts, model, work / "bare")
+    quarter = _run_child("stage", args, prompts[: len(prompts) // 4], model, work / "quarter")
+    full = _run_child("stage", args, prompts, model, work / "full")
+    bare_tps, ray_tps = bare["tokens"] / bare["seconds"], full["tokens"] / full["seconds"]
+    bare_steady = bare["tokens"] / bare["generate_s"]
+    ray_steady = (full["tokens"] - quarter["tokens"]) / (full["seconds"] - quarter["seconds"]) if full["seconds"] > quarter["seconds"] else None
+    figures = {
+        "bare_tokens": bare["tokens"], "bare_seconds": round(bare["seconds"], 2), "bare_tokens_per_s": round(bare_tps, 1),
+        "bare_generate_seconds": round(bare["generate_s"], 2), "bare_generate_tokens_per_s": round(bare_steady, 1),
+        "bare_fixed_seconds": round(bare["seconds"] - bare["generate_s"], 2),
+        "raydistill_tokens": full["tokens"], "raydistill_seconds": round(full["seconds"], 2), "raydistill_tokens_per_s": round(ray_tps, 1),
+        "raydistill_quarter_tokens": quarter["tokens"], "raydistill_quarter_seconds": round(quarter["seconds"], 2),
+        "raydistill_steady_tokens_per_s": None if ray_steady is None else round(ray_steady, 1),
+        "raydistill_fixed_seconds": None if ray_steady is None else round(full["seconds"] - full["tokens"] / ray_steady, 2),
+        "ratio": round(ray_tps / bare_tps, 3),
+        "steady_ratio": None if ray_steady is None else round(ray_steady / bare_steady, 3),
+        "breakeven_tokens": None,
+    }
+    if ray_steady is not None and 1 / bare_steady - TARGET_RATIO / ray_steady > 0:
+        # ratio(T) = (Fb + T/Rb) / (Fs + T/Rs) for T generated tokens; solve ratio(T) = 0.9.
+        fb, fs = figures["bare_fixed_seconds"], figures["raydistill_fixed_seconds"]
+        figures["breakeven_tokens"] = max(0, round((TARGET_RATIO * fs - fb) / (1 / bare_steady - TARGET_RATIO / ray_steady)))
+    return figures
 
 
 def storage_at_k(llm, prompts: list[str], outs, k: int, work: Path, shard_rows: int) -> tuple[float, float, dict]:
@@ -136,57 +223,59 @@ def storage_at_k(llm, prompts: list[str], outs, k: int, work: Path, shard_rows: 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="tiny:teacher", help="teacher: a HF directory or a builtin")
-    ap.add_argument("--prompts", type=int, default=256)
+    ap.add_argument("--prompts", type=int, default=1024)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--k", type=int, default=8, help="top-k kept in the throughput comparison")
+    ap.add_argument("--cpu-threads-bind", default="auto", help="teacher.cpu_threads_bind of both paths (vLLM-CPU thread binding)")
     ap.add_argument("--json", help="write the figures here")
     ap.add_argument("--corpus", default=str(ROOT / "configs/data/tiny_prompts.jsonl"), help="JSONL with a prompt field")
     ap.add_argument("--shard-rows", type=int, default=256,
                     help="rows per Parquet file in the storage figures (the stage's teacher_pass.shard_rows; default = its default)")
     ap.add_argument("--storage-only", action="store_true", help="skip the throughput comparison")
     ap.add_argument("--throughput-only", action="store_true", help="skip the storage figures")
+    ap.add_argument("--verbose", action="store_true", help="show the timed processes' output")
+    ap.add_argument("--child", choices=["bare", "stage"], help=argparse.SUPPRESS)
+    ap.add_argument("--child-corpus", help=argparse.SUPPRESS)
+    ap.add_argument("--child-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     from raydistill.models import resolve_model
 
     model = resolve_model(args.model)
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    # The same engine settings on both paths: the stage adds max_logprobs, raw logprobs and the
-    # engine-wide seed from its spec, so the bare engine gets them explicitly.
-    engine_args = {"max_model_len": 512, "enforce_eager": True, "dtype": "float32"}
-    bare_engine_args = {**engine_args, "max_logprobs": 64, "logprobs_mode": "raw_logprobs", "seed": 0}
-    sampling = {"max_tokens": args.max_tokens, "temperature": 1.0, "top_p": 1.0}
-    prompts = _prompts(args.prompts, Path(args.corpus))
+    if args.child:
+        out: dict = {}
+        (_child_bare if args.child == "bare" else _child_stage)(args, model, out)
+        Path(args.child_out).write_text(json.dumps(out))
+        return 0
 
-    figures = {"model": args.model, "prompts": args.prompts, "max_tokens": args.max_tokens, "k": args.k, "shard_rows": args.shard_rows}
+    prompts = _prompts(args.prompts, Path(args.corpus))
+    figures = {"model": args.model, "prompts": args.prompts, "max_tokens": args.max_tokens, "k": args.k,
+               "cpu_threads_bind": args.cpu_threads_bind, "shard_rows": args.shard_rows}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if not args.storage_only:
-            # A discarded warm-up run first: the first stage run of a process also pays one-time
-            # costs (cold imports of vLLM and torch in new Ray workers), which would otherwise land
-            # in the quarter run and inflate the marginal rate.
-            raydistill_stage(args.model, model, prompts[:16], engine_args, sampling, args.k, work / "warmup")
-            quarter_s, quarter_tokens = raydistill_stage(args.model, model, prompts[: len(prompts) // 4], engine_args, sampling, args.k, work / "quarter")
-            ray_s, ray_tokens = raydistill_stage(args.model, model, prompts, engine_args, sampling, args.k, work / "full")
-            ray_steady = (ray_tokens - quarter_tokens) / (ray_s - quarter_s) if ray_s > quarter_s else None
-        bare_s, bare_gen_s, bare_tokens, outs, llm = bare_vllm(model, prompts, bare_engine_args, {**sampling, "logprobs": args.k})
-        storage = {} if args.throughput_only else {k: storage_at_k(llm, prompts, outs, k, work, args.shard_rows) for k in (8, 32, 50)}
+            figures.update(throughput(args, prompts, model, work))
+        storage = {}
+        if not args.throughput_only:
+            from vllm import LLM, SamplingParams
+
+            from raydistill.teacher.stage import engine_kwargs, sampling_params
+
+            _, teacher, tp = _specs(args.model, Path(args.corpus), args.k, args.max_tokens, args.cpu_threads_bind)
+            os.environ.update(teacher.cpu_engine_env())
+            llm = LLM(model=model, **engine_kwargs(teacher, tp))
+            # With the response text, which the stage stores too (decoded in its sink).
+            outs = llm.generate(prompts, SamplingParams(**{**sampling_params(tp), "detokenize": True}), use_tqdm=False)
+            storage = {k: storage_at_k(llm, prompts, outs, k, work, args.shard_rows) for k in (8, 32, 50)}
+            llm.llm_engine.engine_core.shutdown()  # os._exit below would orphan its processes
 
     if not args.storage_only:
-        bare_tps, ray_tps, bare_steady = bare_tokens / bare_s, ray_tokens / ray_s, bare_tokens / bare_gen_s
-        figures.update({
-            "bare_tokens": bare_tokens, "bare_seconds": round(bare_s, 2), "bare_tokens_per_s": round(bare_tps, 1),
-            "bare_generate_tokens_per_s": round(bare_steady, 1),
-            "raydistill_tokens": ray_tokens, "raydistill_seconds": round(ray_s, 2), "raydistill_tokens_per_s": round(ray_tps, 1),
-            "raydistill_quarter_tokens": quarter_tokens, "raydistill_quarter_seconds": round(quarter_s, 2),
-            "raydistill_steady_tokens_per_s": None if ray_steady is None else round(ray_steady, 1),
-            "ratio": round(ray_tps / bare_tps, 3),
-            "steady_ratio": None if ray_steady is None else round(ray_steady / bare_steady, 3),
-        })
-        print("\n| path | generated tokens | seconds (incl. engine start) | tokens/s | tokens/s without start-up |\n|---|---|---|---|---|")
-        print(f"| bare vllm.LLM.generate | {bare_tokens} | {bare_s:.1f} | {bare_tps:.1f} | {bare_steady:.1f} |")
-        print(f"| raydistill teacher stage | {ray_tokens} | {ray_s:.1f} | {ray_tps:.1f} | {figures['raydistill_steady_tokens_per_s']} |")
-        print(f"\nratio (raydistill / bare) = {figures['ratio']}; without start-up = {figures['steady_ratio']}")
+        f = figures
+        print("\n| path | generated tokens | seconds (from process spawn) | tokens/s | start-up s | tokens/s without start-up |\n|---|---|---|---|---|---|")
+        print(f"| bare vllm.LLM.generate | {f['bare_tokens']} | {f['bare_seconds']:.1f} | {f['bare_tokens_per_s']:.1f} | {f['bare_fixed_seconds']:.1f} | {f['bare_generate_tokens_per_s']:.1f} |")
+        print(f"| raydistill teacher stage | {f['raydistill_tokens']} | {f['raydistill_seconds']:.1f} | {f['raydistill_tokens_per_s']:.1f} | {f['raydistill_fixed_seconds']} | {f['raydistill_steady_tokens_per_s']} |")
+        print(f"\nratio (raydistill / bare) = {f['ratio']}; without start-up = {f['steady_ratio']}; "
+              f"ratio reaches {TARGET_RATIO} from {f['breakeven_tokens']} generated tokens")
     figures.update({f"bytes_per_token_k{k}": round(b, 1) for k, (b, _, _) in storage.items()})
     figures.update({f"kl_k{k}": kl for k, (_, kl, _) in storage.items()})
     figures.update({f"column_bytes_per_token_k{k}": cols for k, (_, _, cols) in storage.items()})

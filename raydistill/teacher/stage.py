@@ -49,10 +49,20 @@ def engine_kwargs(teacher: TeacherSpec, teacher_pass: TeacherPassSpec) -> dict[s
 def sampling_params(teacher_pass: TeacherPassSpec) -> dict[str, Any]:
     """The vLLM sampling parameters of one request (the seed is engine-wide; see engine_kwargs)."""
     if teacher_pass.mode == "score":
-        # One throwaway token; the signal is prompt_logprobs over the given text.
-        return {"max_tokens": 1, "temperature": 0.0, "prompt_logprobs": teacher_pass.top_k}
+        # One throwaway token; the signal is prompt_logprobs over the given text, whose text we have.
+        return {"max_tokens": 1, "temperature": 0.0, "prompt_logprobs": teacher_pass.top_k, "detokenize": False}
     s = teacher_pass.sampling
-    return {"max_tokens": s.max_tokens, "temperature": s.temperature, "top_p": s.top_p, "stop": list(s.stop), "logprobs": teacher_pass.top_k}
+    # Detokenizing in the engine decodes every top-k candidate of every position to a string
+    # (vLLM's Logprob.decoded_token), which we never store: it halved the tiny teacher's
+    # tokens/s. The response text is decoded once per row in the sink instead
+    # (``needs_response_text``). Stop strings are matched on text, so they keep it on.
+    return {"max_tokens": s.max_tokens, "temperature": s.temperature, "top_p": s.top_p, "stop": list(s.stop), "logprobs": teacher_pass.top_k,
+            "detokenize": bool(s.stop)}
+
+
+def needs_response_text(params: dict[str, Any], mode: str) -> bool:
+    """Whether the sink must decode ``response`` from the generated ids (the engine did not)."""
+    return mode == "generate" and not params["detokenize"]
 
 
 def topk_from_logprob_dict(entry: dict, k: int) -> tuple[list[int], list[float]]:
@@ -82,7 +92,7 @@ def to_signal_row(row: dict[str, Any], k: int, mode: str) -> dict[str, Any]:
         input_ids = prompt_ids + [int(t) for t in row["generated_tokens"]]
         start = len(prompt_ids)
         entries = row["logprobs"] or []
-        response = row["generated_text"]
+        response = row["generated_text"] or ""  # "" when the engine did not detokenize; the sink decodes it
     pairs = [topk_from_logprob_dict(e, k) for e in entries]
     return {
         **base,
@@ -160,20 +170,33 @@ class _RejectSink:
     batch it sees, written to the metadata before any shard that uses it, kept by a re-run.
     """
 
-    def __init__(self, parts_dir: str, signals_dir: str):
+    def __init__(self, parts_dir: str, signals_dir: str, tokenizer_path: str | None = None):
         from raydistill.data.signals import read_signal_meta
 
         self.parts_dir, self.signals_dir = parts_dir, signals_dir
         self.id_order = read_signal_meta(signals_dir).get("topk_id_order")
+        self.tokenizer = None
+        if tokenizer_path is not None:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         good = _drop_bad_rows(batch, self.parts_dir).select(SIGNAL_COLUMNS).cast(SIGNAL_SCHEMA)
+        if self.tokenizer is not None and good.num_rows:
+            good = good.set_column(good.schema.get_field_index("response"), "response", pa.array(response_texts(good, self.tokenizer), pa.string()))
         if self.id_order is None and good.num_rows:
             from raydistill.data.signals import learn_id_order, update_signal_meta
 
             self.id_order = learn_id_order(good["topk_ids"])
             update_signal_meta(self.signals_dir, topk_id_order=self.id_order)
         return encode_signals(good, id_order=self.id_order or ())
+
+
+def response_texts(table: pa.Table, tokenizer) -> list[str]:
+    """The generated text of each signal row, decoded once from its token ids as vLLM's detokenizer would."""
+    ids, starts = table["input_ids"].to_pylist(), table["target_start"].to_pylist()
+    return tokenizer.batch_decode([row[s:] for row, s in zip(ids, starts)], skip_special_tokens=True)
 
 
 def _drop_bad_rows(batch: pa.Table, parts_dir: str) -> pa.Table:
@@ -286,7 +309,8 @@ def run_teacher_stage(data: DataSpec, teacher: TeacherSpec, teacher_pass: Teache
     signals = build_teacher_processor(teacher, teacher_pass, teacher_path)(todo)
     # batch_size=None: one engine output block at a time. Finished batches are gathered into shards
     # of ~shard_rows rows as they arrive; complete shards are what a re-run after an interruption keeps.
-    signals.map_batches(_RejectSink, fn_constructor_args=(parts, signals_dir), batch_format="pyarrow", batch_size=None, concurrency=1, num_cpus=0.25).write_parquet(
+    decode_with = teacher_path if needs_response_text(sampling_params(teacher_pass), teacher_pass.mode) else None
+    signals.map_batches(_RejectSink, fn_constructor_args=(parts, signals_dir, decode_with), batch_format="pyarrow", batch_size=None, concurrency=1, num_cpus=0.25).write_parquet(
         signals_dir, min_rows_per_file=teacher_pass.shard_rows, **PARQUET_WRITE_ARGS
     )
 

@@ -44,6 +44,8 @@ def test_teacher_stage_writes_one_exact_row_per_prompt(teacher_run, tiny_spec, m
         assert row["input_ids"][:start] == tok(corpus[row["id"]]).input_ids
         assert row["input_ids"][0] == tok.bos_token_id
         n_targets = len(row["input_ids"]) - start
+        # The engine does not detokenize; the sink decodes the generated ids once, as vLLM would.
+        assert row["response"] == tok.decode(row["input_ids"][start:], skip_special_tokens=True)
         assert 1 <= n_targets <= tiny_spec.teacher_pass.sampling.max_tokens
         assert len(row["topk_ids"]) == len(row["topk_logprobs"]) == n_targets
         for ids_t, lps_t in zip(row["topk_ids"], row["topk_logprobs"]):

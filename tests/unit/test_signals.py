@@ -6,7 +6,8 @@ import pytest
 
 from raydistill.data.signals import SIGNAL_SCHEMA, SignalMismatchError, check_tokenizer_matches, collate, stable_split, tokenizer_fingerprint, write_signal_meta
 from raydistill.data.signals import decode_signals, encode_signals
-from raydistill.teacher.stage import to_signal_row, topk_from_logprob_dict
+from raydistill.spec import SamplingSpec, TeacherPassSpec
+from raydistill.teacher.stage import needs_response_text, response_texts, sampling_params, to_signal_row, topk_from_logprob_dict
 
 
 def _entry(pairs):
@@ -35,6 +36,25 @@ def test_to_signal_row_and_schema():
     assert len(row["topk_ids"]) == len(row["input_ids"]) - row["target_start"]
     table = pa.Table.from_pylist([row]).select(SIGNAL_SCHEMA.names).cast(SIGNAL_SCHEMA)
     assert table.schema == SIGNAL_SCHEMA
+
+
+def test_engine_detokenizes_only_when_stop_strings_need_text():
+    plain = sampling_params(TeacherPassSpec())
+    assert plain["detokenize"] is False and needs_response_text(plain, "generate")
+    stopped = sampling_params(TeacherPassSpec(sampling=SamplingSpec(stop=["\n\n"])))
+    assert stopped["detokenize"] is True and not needs_response_text(stopped, "generate")
+    scored = sampling_params(TeacherPassSpec(mode="score"))
+    assert scored["detokenize"] is False and not needs_response_text(scored, "score")
+
+
+def test_response_texts_decode_the_generated_ids_only():
+    class Tok:
+        def batch_decode(self, seqs, skip_special_tokens):
+            assert skip_special_tokens
+            return ["|".join(map(str, s)) for s in seqs]
+
+    table = pa.table({"input_ids": [[1, 10, 11, 20, 2], [1, 5]], "target_start": [3, 2]})
+    assert response_texts(table, Tok()) == ["20|2", ""]
 
 
 def test_collate_aligns_logits_with_targets():
