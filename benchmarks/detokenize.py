@@ -35,15 +35,14 @@ def main() -> int:
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
 
-    from teacher_pass import _prompts  # the teacher-pass benchmark's prompts (benchmarks/ is on sys.path)
+    # The teacher-pass benchmark's prompts and spec sections (benchmarks/ is on sys.path).
+    from teacher_pass import _prompts, _specs
 
     from raydistill.models import resolve_model
-    from raydistill.spec import SamplingSpec, TeacherPassSpec, TeacherSpec
     from raydistill.teacher.stage import engine_kwargs, sampling_params
 
     model = resolve_model(args.model)
-    teacher = TeacherSpec(model=args.model, engine_args={"max_model_len": 512, "enforce_eager": True, "dtype": "float32", "max_logprobs": 64})
-    tp = TeacherPassSpec(top_k=args.k, sampling=SamplingSpec(max_tokens=args.max_tokens, temperature=1.0, top_p=1.0, seed=0))
+    _, teacher, tp = _specs(args.model, Path(args.corpus), args.k, args.max_tokens, "auto")
     os.environ.update(teacher.cpu_engine_env())
     from vllm import LLM, SamplingParams
 
