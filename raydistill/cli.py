@@ -279,9 +279,15 @@ def _serve_status(serve: ServeSpec, address: str | None) -> int:
     print(f"app '{serve.app_name}': {plain(app.status)} on {address}" + (f"  {state['base_url']}/v1" if state else ""))
     if app.message:
         print(f"  {app.message}")
+    from raydistill.serving.app import describe_dtype, engine_dtypes
+    from raydistill.serving.server import NAME_PREFIX
+
+    dtypes = engine_dtypes(serve.app_name)
     for name, dep in app.deployments.items():
         replicas = ", ".join(f"{n} {plain(s)}" for s, n in dep.replica_states.items())
         print(f"  {name:40s} {plain(dep.status):10s} replicas: {replicas or 'none'}")
+        if name.removeprefix(NAME_PREFIX) in dtypes:
+            print(f"  {'':40s} engine dtype: {describe_dtype(dtypes[name.removeprefix(NAME_PREFIX)])}")
     return 0
 
 

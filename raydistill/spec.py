@@ -64,7 +64,9 @@ class TeacherSpec(_Section):
         default_factory=dict,
         description=(
             "vLLM engine arguments passed through unchanged: tensor_parallel_size, max_num_batched_tokens, "
-            "gpu_memory_utilization, dtype, max_model_len, max_logprobs, enforce_eager, ..."
+            "gpu_memory_utilization, dtype, max_model_len, max_logprobs, enforce_eager, ... `dtype` unset or 'auto': each "
+            "engine chooses on its node (on a CPU, bf16 only where a one-time self-test of vLLM's bf16 path passes there, "
+            "else float32). These settings also run the report's generation with both models."
         ),
     )
     replicas: ReplicasSpec = Field(default_factory=ReplicasSpec, description="Size of the autoscaled pool of vLLM engine actors; an integer means min = max.")
@@ -327,7 +329,13 @@ class ServeSpec(_Section):
     host: str = Field("127.0.0.1", description="Interface the HTTP server binds; loopback unless you mean to expose it.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of the OpenAI-compatible app.")
     model_id: str | None = Field(None, description="Model id clients ask for; defaults to the run directory's name.")
-    engine_args: dict[str, Any] = Field(default_factory=dict, description="Extra vLLM engine arguments for the served student.")
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description=(
+            "Extra vLLM engine arguments for the served student. `dtype` unset or 'auto': each replica chooses on its node "
+            "(on a CPU, bf16 only where a one-time self-test of vLLM's bf16 path passes there, else float32)."
+        ),
+    )
     app_name: str = Field("raydistill", min_length=1, description="Name of the Ray Serve application; `raydistill serve --status/--stop` act on it.")
     api_key_env: str | None = Field(
         None,
@@ -345,6 +353,15 @@ class ServeSpec(_Section):
     max_replicas: int = Field(1, ge=1, description="Most replicas per served model that Serve's autoscaler may start.")
     target_ongoing_requests: float = Field(8.0, gt=0, description="Ongoing requests per replica that Serve's autoscaler aims for.")
     max_ongoing_requests: int = Field(64, ge=1, description="Requests one replica accepts at once; more wait in Serve's queue.")
+    health_check_period_s: float = Field(
+        2.0,
+        gt=0,
+        description=(
+            "Seconds between Serve's health checks of a replica. A replica whose vLLM engine died fails its next check and "
+            "is replaced, so this bounds how long requests get 5xx before the replacement starts (then the engine's start-up)."
+        ),
+    )
+    health_check_timeout_s: float = Field(30.0, gt=0, description="A health check that takes longer than this fails (a hung engine).")
     replica_resources: dict[str, float] = Field(
         default_factory=lambda: {"CPU": 1.0},
         description="Ray resources of one replica's vLLM engine (its placement-group bundle), e.g. {GPU: 1, CPU: 4} on a GPU cluster.",

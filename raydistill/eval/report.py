@@ -29,19 +29,33 @@ def model_size(model_dir: str) -> dict:
     return {"parameters": params, "bytes_on_disk": size}
 
 
+# The spec key whose engine settings the report's generation runs use (the teacher's).
+DTYPE_KEY = "teacher.engine_args.dtype"
+
+
 def _generate(model_dir: str, engine_args: dict, prompts: list[str], side_by_side: int, max_tokens: int) -> dict:
-    """Body of the Ray task: greedy answers for the first prompts, then a timed fixed-length run."""
+    """Body of the Ray task: greedy answers for the first prompts, then a timed fixed-length run.
+
+    The engine's dtype is chosen here, on the node that runs it (``raydistill.engine_dtype``).
+    """
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=model_dir, **engine_args)
-    answers = [o.outputs[0].text for o in llm.generate(prompts[:side_by_side], SamplingParams(temperature=0.0, max_tokens=48), use_tqdm=False)] if side_by_side else []
-    llm.generate(prompts[:1], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up outside the timing
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    t0 = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    seconds = time.perf_counter() - t0
+    from raydistill import engine_dtype
+
+    engine_args, choice = engine_dtype.resolve(engine_args, DTYPE_KEY)
+    try:
+        llm = LLM(model=model_dir, **engine_args)
+        answers = [o.outputs[0].text for o in llm.generate(prompts[:side_by_side], SamplingParams(temperature=0.0, max_tokens=48), use_tqdm=False)] if side_by_side else []
+        llm.generate(prompts[:1], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up outside the timing
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        seconds = time.perf_counter() - t0
+    except Exception as err:
+        raise RuntimeError(f"the report's vLLM engine for {model_dir} failed: {type(err).__name__}: {err}\n"
+                           f"{engine_dtype.death_hint(engine_args, DTYPE_KEY)}") from err
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    return {"answers": answers, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+    return {"answers": answers, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "engine_dtype": choice.as_dict()}
 
 
 def generation_runs(models: dict[str, str], engine_args: dict, engine_env: dict[str, str], prompts: list[str], side_by_side: int, max_tokens: int) -> dict:
@@ -118,6 +132,9 @@ def write_markdown(report: dict, path: Path) -> None:
     ]
     if "tokens_per_s" in s:
         lines.append(f"| generation tokens/s (same vLLM settings) | {s['tokens_per_s']:.1f} | {t['tokens_per_s']:.1f} |")
+    if report.get("engine_dtype"):
+        d = report["engine_dtype"]
+        lines.append(f"| vLLM engine dtype | {d['student']['dtype']} | {d['teacher']['dtype']} |")
     lines += [
         "",
         f"- **Top-1 agreement**: the student's most likely token is the teacher's most likely token at {report['top1_agreement']:.1%} of positions.",

@@ -134,6 +134,7 @@ def run_eval_stage(
             for m in ("student", "teacher"):
                 report[m].update(tokens_per_s=runs[m]["tokens_per_s"], speed_tokens=runs[m]["tokens"], speed_seconds=runs[m]["seconds"])
             report["student_over_teacher_speedup"] = runs["student"]["tokens_per_s"] / runs["teacher"]["tokens_per_s"]
+        report["engine_dtype"] = {m: runs[m]["engine_dtype"] for m in runs}
         report["side_by_side"] = [
             {"prompt": p, "student": s, "teacher": t} for p, s, t in zip(prompts, runs["student"]["answers"], runs["teacher"]["answers"])
         ]
@@ -150,4 +151,5 @@ def run_eval_stage(
         f"top-1 agreement {report['top1_agreement']:.1%}",
         flush=True,
     )
-    return {"report": str(eval_dir / "report.json"), **{k: report[k] for k in ("kl_to_teacher", "top1_agreement")}}
+    return {"report": str(eval_dir / "report.json"), **{k: report[k] for k in ("kl_to_teacher", "top1_agreement")},
+            **({"engine_dtype": report["engine_dtype"]} if "engine_dtype" in report else {})}

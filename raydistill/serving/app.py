@@ -71,6 +71,10 @@ def llm_config(model: Served, serve: ServeSpec):
         placement_group_config={"bundles": [dict(serve.replica_resources)]},
         deployment_config={
             "max_ongoing_requests": serve.max_ongoing_requests,
+            # A dead engine fails the replica's health check at once; the period bounds how long
+            # requests keep failing before Serve starts a replacement.
+            "health_check_period_s": serve.health_check_period_s,
+            "health_check_timeout_s": serve.health_check_timeout_s,
             "autoscaling_config": {
                 "min_replicas": serve.min_replicas,
                 "max_replicas": serve.max_replicas,
@@ -120,6 +124,28 @@ def wait_running(app_name: str, timeout_s: float = 600.0) -> None:
     raise TimeoutError(f"serve app {app_name} not running after {timeout_s:.0f}s")
 
 
+def engine_dtypes(app_name: str, timeout_s: float = 30.0) -> dict[str, dict]:
+    """Per served model (deployment name without the prefix): the dtype its engine runs in, as a replica reports it."""
+    from ray import serve as ray_serve
+
+    from raydistill.serving.server import NAME_PREFIX
+
+    app = ray_serve.status().applications.get(app_name)
+    out = {}
+    for name, dep in (app.deployments.items() if app else []):
+        if name.startswith(NAME_PREFIX) and str(getattr(dep.status, "value", dep.status)) == "HEALTHY":
+            handle = ray_serve.get_deployment_handle(name, app_name=app_name)
+            try:
+                out[name[len(NAME_PREFIX):]] = handle.engine_dtype.remote().result(timeout_s=timeout_s)
+            except Exception as err:  # noqa: BLE001 - a status line, not a failure
+                out[name[len(NAME_PREFIX):]] = {"dtype": "unknown", "reason": f"{type(err).__name__}", "source": "", "key": "", "node": ""}
+    return out
+
+
+def describe_dtype(choice: dict) -> str:
+    return f"{choice['dtype']} ({choice['source']}: {choice['reason']})" if choice.get("source") else f"{choice['dtype']} ({choice['reason']})"
+
+
 def complete(base: str, model_id: str, prompt: str, max_tokens: int = 16, key: str | None = None) -> dict:
     body = json.dumps({"model": model_id, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0}).encode()
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
@@ -137,9 +163,11 @@ def serve_check(model_path: str, model_id: str, serve: ServeSpec, prompt: str) -
     try:
         base = start_app(model_path, model_id, serve, key)
         answer = complete(base, model_id, prompt, key=key)
+        dtypes = engine_dtypes(serve.app_name)
     finally:
         ray_serve.shutdown()
-    return {"url": f"{base}/v1/completions", "model": model_id, "prompt": prompt, "answer": answer["choices"][0]["text"], "usage": answer.get("usage")}
+    return {"url": f"{base}/v1/completions", "model": model_id, "prompt": prompt, "answer": answer["choices"][0]["text"], "usage": answer.get("usage"),
+            "engine_dtype": next(iter(dtypes.values()), None)}
 
 
 def curl_example(base: str, model_id: str, api_key_env: str | None) -> str:

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
+import logging
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +54,100 @@ class ApiKeyMiddleware:
             headers={"WWW-Authenticate": "Bearer"},
         )
         await response(scope, receive, send)
+
+
+logger = logging.getLogger("ray.serve")
+SERVER_ERROR_MESSAGE = "the server could not complete this request; retry it, and quote the request id if it keeps failing"
+
+
+def server_error_body(request_id: str, code: int = 500) -> dict:
+    """The whole of what a client learns about a server-side failure: no traceback, path, pid or address."""
+    body = error_body(SERVER_ERROR_MESSAGE, code=code, type_="server_error")
+    body["error"]["request_id"] = request_id
+    return body
+
+
+class SafeErrorMiddleware:
+    """Replaces every 5xx body (and any exception) with ``server_error_body``; logs the original server-side.
+
+    ray.serve.llm puts the replica's error text in its 500 bodies, and for a dead engine that is
+    a Ray traceback with site-packages paths, the actor id, the pid and the node's IP address.
+    Server-sent-event streams that carry an error object with a 5xx code are cleaned the same way.
+    The request id is the one Serve's proxy put in the request's ``x-request-id`` header (the id in
+    Serve's own log lines for that request), so a client's report and the logs meet.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        # Serve's proxy gives every request an x-request-id; its logs and the library's carry the same id.
+        state: dict[str, Any] = {"status": None, "headers": None, "request_id": _header(scope.get("headers", []), b"x-request-id"),
+                                 "held": [], "sse": False, "started": False}
+
+        async def guarded_send(message):
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                state["request_id"] = state["request_id"] or _header(headers, b"x-request-id") or uuid.uuid4().hex
+                state["sse"] = (_header(headers, b"content-type") or "").startswith("text/event-stream")
+                if message["status"] >= 500:
+                    state["status"], state["headers"] = message["status"], headers
+                    return  # held until the body is complete, then replaced
+                state["started"] = True
+                return await send(message)
+            if message["type"] == "http.response.body":
+                if state["status"] is not None:
+                    state["held"].append(message.get("body", b""))
+                    if not message.get("more_body", False):
+                        detail = b"".join(state["held"]).decode("utf-8", "replace")
+                        await self._replace(send, state["status"], state["request_id"], detail, scope, state["headers"])
+                    return
+                if state["sse"] and message.get("body"):
+                    message = {**message, "body": self._clean_events(message["body"], state["request_id"], scope)}
+            return await send(message)
+
+        try:
+            await self.app(scope, receive, guarded_send)
+        except Exception as err:  # noqa: BLE001 - nothing may reach the client unfiltered
+            if state["started"]:
+                logger.exception("request %s failed mid-response (%s %s)", state["request_id"], scope.get("method"), scope.get("path"))
+                raise
+            await self._replace(send, 500, state["request_id"] or uuid.uuid4().hex, f"{type(err).__name__}: {err}", scope, None, exc=err)
+
+    @staticmethod
+    async def _replace(send, status: int, request_id: str, detail: str, scope, headers, exc: BaseException | None = None) -> None:
+        logger.error("request %s answered %d (%s %s); detail: %s", request_id, status, scope.get("method"), scope.get("path"), detail,
+                     exc_info=exc)
+        body = json.dumps(server_error_body(request_id, status)).encode()
+        kept = [(k, v) for k, v in (headers or []) if k.lower() not in (b"content-length", b"content-type", b"x-request-id")]
+        await send({"type": "http.response.start", "status": status,
+                    "headers": kept + [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                       (b"x-request-id", request_id.encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    @staticmethod
+    def _clean_events(chunk: bytes, request_id: str, scope) -> bytes:
+        if b'"error"' not in chunk:
+            return chunk
+        lines = []
+        for line in chunk.split(b"\n"):
+            if line.startswith(b"data: ") and b'"error"' in line:
+                try:
+                    event = json.loads(line[len(b"data: "):])
+                except ValueError:
+                    event = None
+                err = event.get("error") if isinstance(event, dict) else None
+                if isinstance(err, dict) and int(err.get("code") or 500) >= 500:
+                    logger.error("request %s: error event in its stream (%s); detail: %s", request_id, scope.get("path"), err)
+                    line = b"data: " + json.dumps(server_error_body(request_id, int(err.get("code") or 500))).encode()
+            lines.append(line)
+        return b"\n".join(lines)
+
+
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
+    return next((v.decode("latin-1") for k, v in headers if k.lower() == name), None)
 
 
 @dataclass(frozen=True)

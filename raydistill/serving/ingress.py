@@ -5,7 +5,8 @@ limits, and its ingress class hook (``ingress_cls_config``) cannot add middlewar
 FastAPI app is created inside the builder. So ``build_guarded_app`` composes the same graph the
 builder does (``build_llm_deployment`` per model + ``make_fastapi_ingress``), passing its own
 FastAPI app: the library's (its error handling, request ids and metrics, from ``init``) with
-``ApiKeyMiddleware`` outermost. ``GuardedIngress`` only adds the limit checks before handing
+``ApiKeyMiddleware`` and, outermost, ``SafeErrorMiddleware``. Each model's deployment is
+``DtypeResolvingLLMServer``, the library's ``LLMServer`` choosing its engine dtype on its node. ``GuardedIngress`` only adds the limit checks before handing
 each request to ``OpenAiIngress`` unchanged, so routing, streaming (SSE), model listing and the
 404 for an unknown model stay the library's.
 """
@@ -18,7 +19,7 @@ from ray.serve.llm.ingress import OpenAiIngress
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 from starlette.responses import JSONResponse, Response
 
-from raydistill.serving.guard import ApiKeyMiddleware, Limits, check_chat, check_completion, error_body
+from raydistill.serving.guard import ApiKeyMiddleware, Limits, SafeErrorMiddleware, check_chat, check_completion, error_body
 
 
 def _reject(param: str, message: str) -> JSONResponse:
@@ -54,14 +55,18 @@ def build_guarded_app(llm_configs: list, limits: Limits, key_sha256: str | None)
     from ray.serve.llm import build_llm_deployment
     from ray.serve.llm.ingress import make_fastapi_ingress
 
+    from raydistill.serving.server import NAME_PREFIX, DtypeResolvingLLMServer
+
     app = init_fastapi_app()
     if key_sha256 is not None:
-        # Added last, so Starlette runs it first: nothing (not even a 404) answers without the key.
+        # Added late, so Starlette runs it early: nothing (not even a 404) answers without the key.
         app.add_middleware(ApiKeyMiddleware, key_sha256=key_sha256)
+    # Added last, so it is outermost: no 5xx body or exception text reaches a client.
+    app.add_middleware(SafeErrorMiddleware)
     options = GuardedIngress.get_deployment_options(llm_configs)
     ingress = make_fastapi_ingress(GuardedIngress, app=app)
     return serve.deployment(ingress, **options).bind(
-        llm_deployments={c.model_id: build_llm_deployment(c) for c in llm_configs},
+        llm_deployments={c.model_id: build_llm_deployment(c, deployment_cls=DtypeResolvingLLMServer, name_prefix=NAME_PREFIX) for c in llm_configs},
         model_cards={c.model_id: to_model_metadata(c.model_id, c) for c in llm_configs},
         limits=limits,
     )

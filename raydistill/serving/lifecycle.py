@@ -66,6 +66,21 @@ def head_env(marker: str | None = None) -> dict[str, str]:
     return env
 
 
+def ensure_auth_token(ray_bin: str, env: dict[str, str]) -> None:
+    """With token authentication on, make sure a token exists: `ray start` refuses to create one.
+
+    On a machine that never ran a Ray head, ~/.ray/auth_token does not exist yet; Ray's own
+    `ray get-auth-token --generate` writes it (readable by this user only), as Ray's docs advise.
+    """
+    from raydistill.jobs.submit import find_auth_token
+
+    if env.get("RAY_AUTH_MODE", "").lower() != "token" or find_auth_token(env) is not None:
+        return
+    done = subprocess.run([ray_bin, "get-auth-token", "--generate"], env=env, capture_output=True, text=True, timeout=120)
+    if done.returncode != 0 or find_auth_token(env) is None:
+        raise RuntimeError(f"could not create a Ray auth token with `ray get-auth-token --generate`: {done.stderr.strip()[-500:]}")
+
+
 def start_local_head(num_cpus: int, timeout_s: float = 120.0) -> dict:
     """Start a private local head; return its record for the state file."""
     bin_dir = Path(sys.executable).parent
@@ -74,13 +89,15 @@ def start_local_head(num_cpus: int, timeout_s: float = 120.0) -> dict:
     temp_dir = tempfile.mkdtemp(prefix="rds-", dir="/tmp")
     marker = uuid.uuid4().hex
     port = _free_port()
+    env = head_env(marker)
+    ensure_auth_token(str(ray_bin), env)
     log = open(Path(temp_dir) / "head.log", "w")
     proc = subprocess.Popen(
         # No --node-ip-address=127.0.0.1: drivers rewrite a loopback address to the node's IP
         # before connecting, so a head bound to loopback only would be unreachable for them.
         [str(ray_bin), "start", "--head", "--block", f"--port={port}", f"--num-cpus={num_cpus}",
          f"--temp-dir={temp_dir}", "--include-dashboard=false", "--disable-usage-stats"],
-        env=head_env(marker), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
     )
     address_file = Path(temp_dir) / "ray_current_cluster"
     deadline = time.monotonic() + timeout_s

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,9 @@ from raydistill.data.signals import LOGPROB_SCALE, META_FILE, PARQUET_COMPRESSIO
 from raydistill.spec import DataSpec, TeacherPassSpec, TeacherSpec
 
 REJECTED_FILE = "_rejected.jsonl"
+DTYPE_KEY = "teacher.engine_args.dtype"
 _REJECTED_PARTS = "_rejected_parts"
+_ENGINES = "_engines"
 _FIRST_BAD_ROWS_SHOWN = 10
 
 # Raw log-probs are the model's T=1 distribution, before temperature, top-p or penalties.
@@ -129,7 +132,9 @@ def _expand_samples(row: dict[str, Any], n: int) -> list[dict[str, Any]]:
     return [{**row, "id": f"{row['id']}#{i}"} for i in range(n)]
 
 
-def build_teacher_processor(teacher: TeacherSpec, teacher_pass: TeacherPassSpec, model_path: str):
+def build_teacher_processor(teacher: TeacherSpec, teacher_pass: TeacherPassSpec, model_path: str, engines_dir: str | None = None):
+    """ray.data.llm's vLLM processor for the teacher. Each engine actor chooses its dtype on its node
+    (``raydistill.teacher.engine``) and records the choice under ``engines_dir`` (a temp dir if None)."""
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     tp = int(teacher.engine_args.get("tensor_parallel_size", 1))
@@ -152,11 +157,15 @@ def build_teacher_processor(teacher: TeacherSpec, teacher_pass: TeacherPassSpec,
         detokenize_stage=False,
     )
     params, mode, k = sampling_params(teacher_pass), teacher_pass.mode, teacher_pass.top_k
-    return build_processor(
+    processor = build_processor(
         config,
         preprocess=lambda row: _engine_request(row, params, mode),
         postprocess=lambda row: to_signal_row(row, k, mode),
     )
+    from raydistill.teacher.engine import install
+
+    install(processor, DTYPE_KEY, engines_dir or tempfile.mkdtemp(prefix="rd-engines-"))  # each engine picks its dtype on its own node
+    return processor
 
 
 class _RejectSink:
@@ -306,7 +315,9 @@ def run_teacher_stage(data: DataSpec, teacher: TeacherSpec, teacher_pass: Teache
         # One engine batch per block, streamed to the engines as it is ready.
         .repartition(target_num_rows_per_block=teacher.batch_size)
     )
-    signals = build_teacher_processor(teacher, teacher_pass, teacher_path)(todo)
+    engines_dir = Path(signals_dir) / _ENGINES
+    shutil.rmtree(engines_dir, ignore_errors=True)
+    signals = build_teacher_processor(teacher, teacher_pass, teacher_path, str(engines_dir))(todo)
     # batch_size=None: one engine output block at a time. Finished batches are gathered into shards
     # of ~shard_rows rows as they arrive; complete shards are what a re-run after an interruption keeps.
     decode_with = teacher_path if needs_response_text(sampling_params(teacher_pass), teacher_pass.mode) else None
@@ -314,15 +325,32 @@ def run_teacher_stage(data: DataSpec, teacher: TeacherSpec, teacher_pass: Teache
         signals_dir, min_rows_per_file=teacher_pass.shard_rows, **PARQUET_WRITE_ARGS
     )
 
+    engines = _engine_record(engines_dir)
     rejected = _merge_rejects(signals_dir)
+    if engines.get("died_rows"):
+        raise RuntimeError(f"the teacher's vLLM engines died repeatedly and {engines['died_rows']} rows could not be scored (listed in "
+                           f"{Path(signals_dir) / REJECTED_FILE}). {engines['hint']} Rows already written are kept; a re-run resumes.")
     table = pq.ParquetDataset(signals_dir).read(columns=["id", "split"])
     ids = table["id"].to_pylist()
     if len(ids) != len(set(ids)):
         raise RuntimeError(f"{signals_dir} holds duplicate ids; delete it and re-run the teacher stage")
     splits = table["split"].to_pylist()
     out = {"signals_dir": signals_dir, "rows": len(ids), "train_rows": splits.count("train"), "eval_rows": splits.count("eval"),
-           "rejected_rows": rejected, "resumed_rows": len(done)}
+           "rejected_rows": rejected, "resumed_rows": len(done), "engine_dtype": engines.get("dtype")}
     print(f"[teacher] {out['rows']} signal rows ({out['eval_rows']} held out) in {signals_dir}; {rejected} rejected", flush=True)
+    return out
+
+
+def _engine_record(engines_dir: Path) -> dict:
+    """What the engine actors reported (their dtype; deaths), read once and removed from the signals directory."""
+    from raydistill.teacher.engine import read_reports, summarize_dtypes
+
+    started, died = read_reports(str(engines_dir))
+    shutil.rmtree(engines_dir, ignore_errors=True)
+    out: dict = {"dtype": summarize_dtypes(started) if started else None}
+    fatal = [d for d in died if d.get("fatal")]
+    if fatal:
+        out.update(died_rows=len(fatal), hint=fatal[0]["hint"])
     return out
 
 

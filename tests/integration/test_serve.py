@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -65,6 +66,8 @@ def test_detach_then_curl_with_key_then_stop(model_paths, tmp_path):
         assert _raw(base, "/v1/models", None, key=None)[0] == 401
         shown = _cli("--status", "--set", "serve.app_name=rd-detach-test", env=env, timeout=120)
         assert shown.returncode == 0 and "RUNNING" in shown.stdout, shown.stdout + shown.stderr
+        # No dtype in the spec: the replica chose one on its node, from the bf16 self-test there.
+        assert re.search(r"engine dtype: (bfloat16|float32) \(auto: CPU: vLLM's bf16 self-test (passed|failed)", shown.stdout), shown.stdout
     finally:
         down = _cli("--stop", "--set", "serve.app_name=rd-detach-test", env=env, timeout=180)
     assert down.returncode == 0, down.stdout + down.stderr
@@ -109,6 +112,13 @@ def _raw(base: str, path: str, body: bytes | None, key: str | None = KEY) -> tup
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as err:
         return err.code, json.loads(err.read() or b"{}")
+
+
+def test_first_request_is_a_short_prompt(served):
+    """The app's first generation is "hi" (the request that killed bf16 engines on Intel AMX CPUs)."""
+    status, payload = _raw(served, "/v1/completions", json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 4}).encode())
+    assert status == 200, payload
+    assert payload["usage"]["completion_tokens"] >= 1
 
 
 def test_lists_the_model(served):
@@ -240,3 +250,75 @@ def test_load_16_clients_for_20s_no_5xx(served):
     assert sum(v for k, v in outcomes.items() if k.endswith(":ok")) >= clients, outcomes
     # The server still answers after the load.
     assert _client(served).models.list().data[0].id == MODEL
+
+
+# How long a served model may take to answer again after its engine died: Serve's health check
+# notices within serve.health_check_period_s (2 s), then a new replica starts its engine (about
+# 30-60 s for the tiny student on 2 cores). README states the same figure.
+RECOVERY_BOUND_S = 180
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _engine_pids() -> list[int]:
+    """The vLLM engine processes under this module's replica of MODEL (Ray titles it ray::ServeReplica:<app>:<deployment>)."""
+    title = f"ServeReplica:raydistill:LLMServer:{MODEL}".encode()
+    replicas = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and title in _cmdline(int(p.name))]
+    assert len(replicas) == 1, replicas
+    return [pid for pid in _descendants(replicas[0]) if b"VLLM::" in _cmdline(pid)]
+
+
+def test_dead_engine_answers_a_clean_5xx_then_recovers(served):
+    """Last in the module: kills the served engine, checks what clients see, and waits for the replacement."""
+    import signal
+
+    pids = _engine_pids()
+    assert pids, "no vLLM engine process found under the replica"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    body = json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 4}).encode()
+    failures = []
+    recovered_after = None
+    while time.monotonic() - killed < RECOVERY_BOUND_S:
+        try:
+            status, payload = _raw(served, "/v1/completions", body)
+        except OSError:  # a request that outlives _raw's timeout while the replica restarts
+            continue
+        if status == 200:
+            recovered_after = time.monotonic() - killed
+            break
+        failures.append((status, payload))
+        time.sleep(0.5)
+    assert failures, "no request failed after the engine was killed"
+    for status, payload in failures:
+        assert status >= 500, (status, payload)
+        text = json.dumps(payload)
+        assert set(payload) == {"error"} and payload["error"]["type"] == "server_error" and payload["error"]["request_id"], payload
+        for leak in ("Traceback", "site-packages", ".py", "pid", "actor", "Error:"):
+            assert leak not in text, (leak, payload)
+        assert not re.search(r"\b\d{1,3}(\.\d{1,3}){3}\b", text), payload  # no IP address
+    assert recovered_after is not None, f"no 200 within {RECOVERY_BOUND_S}s of the engine's death; last: {failures[-1]}"
+    print(f"recovered {recovered_after:.0f}s after the engine was killed ({len(failures)} requests failed cleanly)")
+    assert _client(served).completions.create(model=MODEL, prompt="the quiet forest", max_tokens=4).usage.completion_tokens >= 1

@@ -116,6 +116,14 @@ def test_eval_stage_scores_student_and_teacher(tiny_run, train_run, tiny_spec, m
         assert (eval_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (eval_dir / "report.md").read_text()
     assert "Top-1 agreement" in md and "![training loss](loss_curve.png)" in md and report["side_by_side"][0]["prompt"] in md
+    # configs/tiny.yaml names the teacher's dtype, and the report's engines run what it names.
+    for who in ("student", "teacher"):
+        assert (out["engine_dtype"][who]["dtype"], out["engine_dtype"][who]["source"]) == ("float32", "explicit")
+    assert "| vLLM engine dtype | float32 | float32 |" in md
+
+
+def test_teacher_stage_records_the_engine_dtype(teacher_run):
+    assert (teacher_run["engine_dtype"]["dtype"], teacher_run["engine_dtype"]["source"]) == ("float32", "explicit")
 
 
 def test_serve_check_answers_a_completion(tiny_run, tiny_spec):
@@ -123,3 +131,8 @@ def test_serve_check_answers_a_completion(tiny_run, tiny_spec):
     assert out["model"] == tiny_spec.model_id and isinstance(out["answer"], str) and out["answer"]
     assert out["url"] == f"http://127.0.0.1:{tiny_spec.serve.port}/v1/completions"
     assert out["usage"]["completion_tokens"] >= 1
+    # configs/tiny.yaml gives serving no dtype: the replica chose from the bf16 self-test on its node.
+    from raydistill.engine_dtype import bf16_verdict
+
+    assert out["engine_dtype"]["source"] == "auto"
+    assert out["engine_dtype"]["dtype"] == ("bfloat16" if bf16_verdict()["bf16"] else "float32")

@@ -119,6 +119,9 @@ def test_llm_config_carries_autoscaling_and_resources(tmp_path):
     cfg = llm_config(Served("m", str(tmp_path)), serve)
     assert cfg.deployment_config["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 4}
     assert cfg.deployment_config["max_ongoing_requests"] == 16
+    # A dead engine fails the next health check; the defaults check every 2 s.
+    assert (cfg.deployment_config["health_check_period_s"], cfg.deployment_config["health_check_timeout_s"]) == (2.0, 30.0)
+    assert "dtype" not in cfg.engine_kwargs  # each replica chooses on its node
     assert cfg.placement_group_config["bundles"] == [{"CPU": 2}]
     assert cfg.engine_kwargs["chat_template"] == FALLBACK_CHAT_TEMPLATE  # the directory has none
     (tmp_path / "chat_template.jinja").write_text("{{ messages }}")
@@ -143,3 +146,103 @@ def test_curl_example_names_the_variable_not_the_key():
     text = curl_example("http://127.0.0.1:8000", "m", "MY_KEY")
     assert 'Authorization: Bearer $MY_KEY' in text and "/v1/chat/completions" in text
     assert "Authorization" not in curl_example("http://127.0.0.1:8000", "m", None)
+
+
+# --------------------------------------------------------------------------- SafeErrorMiddleware
+
+# What ray.serve.llm's 500 body held for a dead engine: a traceback, paths, an actor id, a pid, an address.
+LEAKY = (b'{"error": {"message": "Traceback (most recent call last):\\n  File \\"/work/.venv/lib/python3.11/site-packages/ray/'
+         b'serve/_private/replica.py\\", line 1\\nray.exceptions.ActorDiedError: actor_id=4f2a9c pid=31337, ip=10.0.3.17 '
+         b'EngineDeadError", "code": 500}}')
+
+
+def _app(status: int, body: bytes, headers=None, chunks: list[bytes] | None = None, raise_exc: Exception | None = None):
+    async def app(scope, receive, send):
+        if raise_exc is not None:
+            raise raise_exc
+        await send({"type": "http.response.start", "status": status, "headers": headers or [(b"content-type", b"application/json")]})
+        for c in chunks or [body]:
+            await send({"type": "http.response.body", "body": c, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    return app
+
+
+def _assert_clean(status: int, payload: dict, headers: dict):
+    from raydistill.serving.guard import SERVER_ERROR_MESSAGE
+
+    assert status >= 500
+    assert payload == {"error": {"message": SERVER_ERROR_MESSAGE, "type": "server_error", "param": None, "code": status,
+                                 "request_id": headers[b"x-request-id"].decode()}}
+    assert int(headers[b"content-length"]) == len(json.dumps(payload))
+
+
+def test_5xx_body_is_replaced_and_keeps_the_request_id(caplog):
+    from raydistill.serving.guard import SafeErrorMiddleware
+
+    headers = [(b"content-type", b"application/json"), (b"x-request-id", b"req-123"), (b"content-length", str(len(LEAKY)).encode())]
+    with caplog.at_level("ERROR", logger="ray.serve"):
+        status, payload, sent_headers = _call(SafeErrorMiddleware(_app(500, LEAKY, headers, chunks=[LEAKY[:40], LEAKY[40:]])), [])
+    _assert_clean(status, payload, sent_headers)
+    assert payload["error"]["request_id"] == "req-123"
+    # The whole detail stays on the server, under the same request id.
+    assert "req-123" in caplog.text and "ActorDiedError" in caplog.text
+
+
+@pytest.mark.parametrize("status", [502, 503])
+def test_other_5xx_are_cleaned_too(status):
+    from raydistill.serving.guard import SafeErrorMiddleware
+
+    code, payload, headers = _call(SafeErrorMiddleware(_app(status, b"upstream at 10.0.0.5:8000 refused")), [])
+    assert code == status
+    _assert_clean(code, payload, headers)
+
+
+def test_the_request_id_is_the_one_serve_gave_the_request():
+    from raydistill.serving.guard import SafeErrorMiddleware
+
+    status, payload, headers = _call(SafeErrorMiddleware(_app(500, LEAKY)), [(b"x-request-id", b"serve-req-7")])
+    _assert_clean(status, payload, headers)
+    assert payload["error"]["request_id"] == "serve-req-7"
+
+
+def test_an_exception_becomes_a_clean_500():
+    from raydistill.serving.guard import SafeErrorMiddleware
+
+    status, payload, headers = _call(SafeErrorMiddleware(_app(200, b"", raise_exc=RuntimeError("/site-packages/x.py pid=4"))), [])
+    _assert_clean(status, payload, headers)
+    assert len(payload["error"]["request_id"]) == 32  # one was made up, since no response carried one
+
+
+@pytest.mark.parametrize("status", [200, 400, 404])
+def test_other_answers_pass_unchanged(status):
+    from raydistill.serving.guard import SafeErrorMiddleware
+
+    body = json.dumps({"error": {"message": "max_tokens is 1000", "code": status}} if status >= 400 else {"ok": 1}).encode()
+    code, payload, _ = _call(SafeErrorMiddleware(_app(status, body)), [])
+    assert code == status and payload == json.loads(body)
+
+
+def test_error_events_in_a_stream_are_cleaned():
+    from raydistill.serving.guard import SafeErrorMiddleware
+
+    good = b'data: {"choices": [{"text": "a"}]}\n\n'
+    bad = b"data: " + LEAKY + b"\n\n"
+    sent = []
+
+    async def run():
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        headers = [(b"content-type", b"text/event-stream"), (b"x-request-id", b"req-9")]
+        await SafeErrorMiddleware(_app(200, b"", headers, chunks=[good, bad, b"data: [DONE]\n\n"]))({"type": "http", "path": "/v1/completions"}, receive, send)
+
+    asyncio.run(run())
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    assert sent[0]["status"] == 200 and good in body and b"data: [DONE]" in body
+    assert b"Traceback" not in body and b"pid" not in body and b"10.0.3.17" not in body
+    events = [json.loads(line[len(b"data: "):]) for line in body.split(b"\n") if line.startswith(b"data: {")]
+    assert events[1]["error"]["request_id"] == "req-9" and events[1]["error"]["type"] == "server_error"
