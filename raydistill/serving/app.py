@@ -13,7 +13,6 @@ from raydistill.serving.guard import Limits, key_digest
 from raydistill.serving.targets import Served
 from raydistill.spec import ServeSpec, SpecError
 
-APP_NAME = "raydistill"
 # vLLM on CPU sizes its KV cache from this (GiB); its GPU-memory heuristic fails on CPU hosts.
 CPU_KV_CACHE_GIB = "1"
 # Used only for a model directory that has none: chat requests need a template to render messages.
@@ -22,16 +21,6 @@ FALLBACK_CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant: {% endif %}"
 )
-
-
-def student_dir_of(path: str) -> str:
-    """A student directory, or the ``student/`` of a run directory."""
-    p = Path(path)
-    if (p / "config.json").exists():
-        return str(p)
-    if (p / "student" / "config.json").exists():
-        return str(p / "student")
-    raise FileNotFoundError(f"{path} is neither a model directory (config.json) nor a run directory with student/")
 
 
 def has_chat_template(model_dir: str) -> bool:
@@ -90,24 +79,33 @@ def build_app(models: list[Served], serve: ServeSpec, key_sha256: str | None):
     return build_guarded_app([llm_config(m, serve) for m in models], limits_of(serve), key_sha256)
 
 
-def base_url(serve: ServeSpec, host: str | None = None) -> str:
+def base_url(serve: ServeSpec, host: str | None = None, port: int | None = None) -> str:
     shown = host or ("127.0.0.1" if serve.host in ("0.0.0.0", "::") else serve.host)
-    return f"http://{shown}:{serve.port}"
+    return f"http://{shown}:{port or serve.port}"
 
 
-def deploy(models: list[Served], serve: ServeSpec, key_sha256: str | None, timeout_s: float = 600.0) -> str:
-    """Deploy the app on the connected Ray and return its base URL once it is RUNNING."""
+def deploy(models: list[Served], serve: ServeSpec, key_sha256: str | None, timeout_s: float = 600.0, route_prefix: str = "/") -> str:
+    """Deploy the app as ``serve.app_name`` on the connected Ray; return its base URL once it is RUNNING.
+
+    When Serve already runs on the cluster, its HTTP proxy (and port) are kept and the URL uses them.
+    """
     from ray import serve as ray_serve
 
     ray_serve.start(http_options={"host": serve.host, "port": serve.port})
-    ray_serve.run(build_app(models, serve, key_sha256), name=serve.app_name, route_prefix="/", blocking=False)
+    ray_serve.run(build_app(models, serve, key_sha256), name=serve.app_name, route_prefix=route_prefix, blocking=False)
     wait_running(serve.app_name, timeout_s)
-    return base_url(serve)
+    return base_url(serve, port=_proxy_port(serve.port)) + route_prefix.rstrip("/")
 
 
-def start_app(model_path: str, model_id: str, serve: ServeSpec, key: str | None = None) -> str:
-    """One model, as the pipeline's serve-check and the tests use it."""
-    return deploy([Served(model_id, model_path)], serve, key_digest(key) if key else None)
+def _proxy_port(default: int) -> int:
+    """The port Serve's HTTP proxies listen on: an earlier ``serve.start`` on this cluster decided it."""
+    try:
+        # Private, but the only place the running proxies' options are kept (ray 2.60).
+        from ray.serve.context import _get_global_client
+
+        return int(_get_global_client().http_config.port)
+    except Exception:  # noqa: BLE001 - an older or newer Ray: fall back to what was asked for
+        return default
 
 
 def wait_running(app_name: str, timeout_s: float = 600.0) -> None:
@@ -155,19 +153,27 @@ def complete(base: str, model_id: str, prompt: str, max_tokens: int = 16, key: s
 
 
 def serve_check(model_path: str, model_id: str, serve: ServeSpec, prompt: str) -> dict:
-    """Start the app, send one completion, shut the app down; return what was asked and answered."""
+    """Deploy the student as an app of its own, send one completion, delete that app; return what was asked and answered.
+
+    The check shares the cluster with whatever Serve applications already run there (a student
+    someone serves with ``serve --detach``, say): it deploys under a unique app name and route
+    prefix, deletes only its own app, and never calls ``serve.shutdown()``.
+    """
     from ray import serve as ray_serve
 
     # A one-off key: the short-lived check app is never open, whatever serve.host says.
     key = secrets.token_urlsafe(24)
+    name = f"{serve.app_name}-check-{secrets.token_hex(4)}"
+    check = serve.model_copy(update={"app_name": name, "min_replicas": 1, "max_replicas": 1})
     try:
-        base = start_app(model_path, model_id, serve, key)
+        base = deploy([Served(model_id, model_path)], check, key_digest(key), route_prefix=f"/{name}")
         answer = complete(base, model_id, prompt, key=key)
-        dtypes = engine_dtypes(serve.app_name)
+        dtypes = engine_dtypes(name)
     finally:
-        ray_serve.shutdown()
-    return {"url": f"{base}/v1/completions", "model": model_id, "prompt": prompt, "answer": answer["choices"][0]["text"], "usage": answer.get("usage"),
-            "engine_dtype": next(iter(dtypes.values()), None)}
+        if name in ray_serve.status().applications:
+            ray_serve.delete(name)
+    return {"url": f"{base}/v1/completions", "app": name, "model": model_id, "prompt": prompt, "answer": answer["choices"][0]["text"],
+            "usage": answer.get("usage"), "engine_dtype": next(iter(dtypes.values()), None)}
 
 
 def curl_example(base: str, model_id: str, api_key_env: str | None) -> str:

@@ -129,7 +129,7 @@ def test_teacher_stage_records_the_engine_dtype(teacher_run):
 def test_serve_check_answers_a_completion(tiny_run, tiny_spec):
     out = tiny_run[2]["stages"]["serve-check"]["outputs"]
     assert out["model"] == tiny_spec.model_id and isinstance(out["answer"], str) and out["answer"]
-    assert out["url"] == f"http://127.0.0.1:{tiny_spec.serve.port}/v1/completions"
+    assert out["url"] == f"http://127.0.0.1:{tiny_spec.serve.port}/{out['app']}/v1/completions"
     assert out["usage"]["completion_tokens"] >= 1
     # configs/tiny.yaml gives serving no dtype: the replica chose from the bf16 self-test on its node.
     from raydistill.engine_dtype import bf16_verdict
