@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from raydistill.jobs import submit as jobs
-from raydistill.jobs.manifest import STAGES
+from raydistill.jobs.pipeline import RunDirBusy
+from raydistill.jobs.stages import STAGE_NAMES as STAGES
 from raydistill.spec import JobSpec, ServeSpec, SpecError, apply_overrides, format_validation_error, load_spec, spec_from_dict
 
 
@@ -58,8 +58,11 @@ def cmd_run(args) -> int:
     from raydistill.jobs.pipeline import run_pipeline
 
     spec = _run_spec(args)
-    stages = _parse_stages(args.stages)
-    manifest = run_pipeline(spec, stages)
+    stages = _parse_stages(args.stages) if args.stages else None
+    force = tuple(_parse_stages(args.force)) if args.force else ()
+    manifest = run_pipeline(spec, stages, force=force, dry_run=args.dry_run)
+    if args.dry_run:
+        return 0
     run_dir = Path(spec.runtime.run_dir)
     print("\n==> run summary")
     for name, entry in manifest["stages"].items():
@@ -75,18 +78,16 @@ def cmd_run(args) -> int:
 
 def cmd_eval(args) -> int:
     """Re-score a finished run and rewrite RUN/eval/ (report.json, report.md, plots)."""
-    from raydistill.eval.stage import run_eval_stage
-    from raydistill.jobs.pipeline import init_ray
-    from raydistill.models import resolve_model
+    from raydistill.jobs.pipeline import run_pipeline
+    from raydistill.jobs.rundir import RunDir
 
-    run_dir = Path(args.run_dir).resolve()
-    if not (run_dir / "spec.yaml").exists() or not (run_dir / "student" / "config.json").exists():
+    run = RunDir.of(Path(args.run_dir).resolve())
+    if not run.spec.exists() or not (run.student / "config.json").exists():
         raise SpecError([f"{args.run_dir}: not a finished run directory (needs spec.yaml and student/)"])
-    spec = load_spec(run_dir / "spec.yaml", args.set)
-    init_ray(spec.runtime)
-    out = run_eval_stage(spec.eval, spec.train.max_seq_len, str(run_dir / "student"), resolve_model(spec.teacher.model),
-                         str(run_dir / "signals"), str(run_dir), spec.teacher.engine_args, spec.teacher.cpu_engine_env())
-    print(f"Report: {Path(out['report']).with_suffix('.md')}")
+    # The spec the run was made with; the pipeline's own eval stage, forced, so the manifest records it.
+    spec = load_spec(run.spec, [*args.set, f"runtime.run_dir={run.root}", "eval.enabled=true"])
+    manifest = run_pipeline(spec, ["eval"], force=("eval",))
+    print(f"Report: {Path(manifest['stages']['eval']['outputs']['report']).with_suffix('.md')}")
     return 0
 
 
@@ -118,8 +119,10 @@ def cmd_serve(args) -> int:
     if args.status or args.stop:
         if args.paths or args.teacher or args.detach:
             raise SpecError(["serve --status/--stop: give no PATH, --teacher or --detach"])
+        from raydistill.serving import commands
+
         serve = _serve_spec(args.set)
-        return _serve_status(serve, args.address) if args.status else _serve_stop(serve, args.address)
+        return commands.status(serve, args.address) if args.status else commands.stop(serve, args.address)
     if not args.paths:
         raise SpecError(["serve: give at least one PATH (a run directory, a student directory or a job spec)"])
     from raydistill.serving.targets import base_serve_section, resolve_source, served_models
@@ -129,198 +132,12 @@ def cmd_serve(args) -> int:
     models = served_models(sources, _explicit_model_id(args.set), args.teacher)
     from raydistill.serving.app import api_key_from_env
 
+    from raydistill.serving import commands
+
     key = api_key_from_env(serve)  # read before anything starts, so a missing key fails fast
     if args.detach:
-        return _serve_detached(models, serve, key, args)
-    return _serve_foreground(models, serve, key, args)
-
-
-def _announce(models, serve: ServeSpec, base: str) -> None:
-    from raydistill.serving.app import curl_example
-
-    print(f"\nServing {', '.join(repr(m.model_id) for m in models)} at {base}/v1  (app '{serve.app_name}')")
-    for m in models:
-        print(f"  {m.model_id:20s} {m.path}")
-    if serve.api_key_env:
-        print(f"Clients must send 'Authorization: Bearer <key>', the key in ${serve.api_key_env}.")
-    elif serve.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: serve.host={serve.host} exposes the app beyond this machine without an API key (set serve.api_key_env)", file=sys.stderr)
-    print("Try it:")
-    print(curl_example(base, models[0].model_id, serve.api_key_env), flush=True)
-
-
-def _digest(key):
-    from raydistill.serving.guard import key_digest
-
-    return key_digest(key) if key else None
-
-
-def _serve_foreground(models, serve: ServeSpec, key, args) -> int:
-    import signal
-    import time
-
-    import ray
-
-    from raydistill.serving.app import deploy
-
-    if args.address:
-        ray.init(address=args.address)
-    else:
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
-    print(f"Starting the OpenAI-compatible app for {len(models)} model(s) ...", flush=True)
-    base = deploy(models, serve, _digest(key))
-    _announce(models, serve, base)
-    print("Press Ctrl-C to stop.", flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        from ray import serve as ray_serve
-
-        if args.address:
-            ray_serve.delete(serve.app_name)
-        else:
-            ray_serve.shutdown()
-    return 0
-
-
-def _connect(address: str) -> None:
-    import ray
-
-    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-
-
-def _serve_detached(models, serve: ServeSpec, key, args) -> int:
-    import ray
-
-    from raydistill.serving import lifecycle
-    from raydistill.serving.app import deploy
-
-    head = None
-    address = args.address
-    if not address:
-        previous = lifecycle.read_state(serve.app_name)
-        if previous and previous.get("head"):
-            raise SpecError([f"serve --detach: app '{serve.app_name}' already runs on a local head started by raydistill; "
-                             f"`raydistill serve --stop` first, or pick another --set serve.app_name"])
-        print(f"Starting a local Ray head ({args.num_cpus} logical CPUs) that outlives this command ...", flush=True)
-        head = lifecycle.start_local_head(args.num_cpus)
-        address = head["address"]
-    try:
-        _connect(address)
-        print(f"Deploying the OpenAI-compatible app for {len(models)} model(s) on {address} ...", flush=True)
-        base = deploy(models, serve, _digest(key))
-    except BaseException:
-        if head:
-            lifecycle.stop_local_head(head)
-        raise
-    lifecycle.write_state(serve.app_name, {
-        "app_name": serve.app_name, "address": address, "base_url": base, "api_key_env": serve.api_key_env,
-        "models": {m.model_id: m.path for m in models}, "head": head,
-    })
-    ray.shutdown()  # disconnects; Serve keeps the app running on the cluster
-    _announce(models, serve, base)
-    print(f"Detached. Check it with `raydistill serve --status`, remove it with `raydistill serve --stop`"
-          + ("" if head is None else f" (which also stops the local head at {address})") + ".", flush=True)
-    return 0
-
-
-@dataclass(frozen=True)
-class _RecordedApp:
-    address: str
-    state: dict | None  # what `serve --detach` recorded, when it is for this address
-    head: dict | None  # the local Ray head raydistill started for the app, if any
-    head_gone: bool
-
-
-def _recorded_app(serve: ServeSpec, address: str | None, to_reach: str) -> _RecordedApp | None:
-    """Where --status/--stop find the app; None after saying that nothing is recorded here.
-
-    It does not connect to Ray: on a dead or unreachable head --status reports and gives up,
-    while --stop still stops the head and clears the record, so each handles that itself.
-    """
-    from raydistill.serving import lifecycle
-
-    state = lifecycle.read_state(serve.app_name)
-    if address:
-        state = state if state and state.get("address") == address else None
-    elif state:
-        address = state["address"]
-    else:
-        print(f"app '{serve.app_name}': no detached app recorded here; pass --address to {to_reach}")
-        return None
-    head = (state or {}).get("head")
-    return _RecordedApp(address, state, head, bool(head) and not lifecycle.head_alive(head))
-
-
-def _serve_status(serve: ServeSpec, address: str | None) -> int:
-    from ray import serve as ray_serve
-
-    found = _recorded_app(serve, address, "ask a cluster")
-    if found is None:
-        return 1
-    address, state = found.address, found.state
-    if found.head_gone:
-        print(f"app '{serve.app_name}': its local Ray head (pid {found.head['pid']}) is gone; `raydistill serve --stop` clears the record")
-        return 1
-    try:
-        _connect(address)
-    except Exception as err:  # a head that died leaves only the state file behind
-        print(f"app '{serve.app_name}': cannot reach Ray at {address} ({type(err).__name__}: {err})")
-        return 1
-    app = ray_serve.status().applications.get(serve.app_name)
-    if app is None:
-        print(f"app '{serve.app_name}': not deployed on {address}")
-        return 1
-    def plain(x) -> str:  # Serve's statuses are str enums
-        return str(getattr(x, "value", x))
-
-    print(f"app '{serve.app_name}': {plain(app.status)} on {address}" + (f"  {state['base_url']}/v1" if state else ""))
-    if app.message:
-        print(f"  {app.message}")
-    from raydistill.serving.app import describe_dtype, engine_dtypes
-    from raydistill.serving.server import NAME_PREFIX
-
-    dtypes = engine_dtypes(serve.app_name)
-    for name, dep in app.deployments.items():
-        replicas = ", ".join(f"{n} {plain(s)}" for s, n in dep.replica_states.items())
-        print(f"  {name:40s} {plain(dep.status):10s} replicas: {replicas or 'none'}")
-        if name.removeprefix(NAME_PREFIX) in dtypes:
-            print(f"  {'':40s} engine dtype: {describe_dtype(dtypes[name.removeprefix(NAME_PREFIX)])}")
-    return 0
-
-
-def _serve_stop(serve: ServeSpec, address: str | None) -> int:
-    from ray import serve as ray_serve
-
-    from raydistill.serving import lifecycle
-
-    found = _recorded_app(serve, address, "stop it on a cluster")
-    if found is None:
-        return 1
-    address, head = found.address, found.head
-    if found.head_gone:
-        print(f"app '{serve.app_name}': its local Ray head (pid {head['pid']}) is gone already")
-    else:
-        try:
-            _connect(address)
-            if serve.app_name in ray_serve.status().applications:
-                ray_serve.delete(serve.app_name)
-                print(f"app '{serve.app_name}': deleted from {address}")
-            else:
-                print(f"app '{serve.app_name}': not deployed on {address}")
-            import ray
-
-            ray.shutdown()
-        except Exception as err:  # still stop our own head below, which takes the app with it
-            if head is None:
-                raise SpecError([f"serve --stop: cannot reach Ray at {address}: {type(err).__name__}: {err}"]) from None
-    if head:
-        lifecycle.stop_local_head(head)
-        print(f"stopped the local Ray head at {address}")
-    lifecycle.clear_state(serve.app_name)
-    return 0
+        return commands.detached(models, serve, key, args.address, args.num_cpus)
+    return commands.foreground(models, serve, key, args.address, args.num_cpus)
 
 
 # --------------------------------------------------------------------------- cluster commands
@@ -405,7 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_set(sub.add_parser("run", help="run the job on a local Ray (or runtime.ray_address)"))
     p.add_argument("spec", nargs="?", help="the job spec (YAML)")
     p.add_argument("--spec-from-env", metavar="NAME", help="read the spec's YAML from this environment variable instead (used by submit)")
-    p.add_argument("--stages", help=f"comma-separated subset of {','.join(STAGES)}")
+    p.add_argument("--stages", help=f"comma-separated subset of {','.join(STAGES)}; others whose inputs changed are marked stale")
+    p.add_argument("--force", help="comma-separated stages to run again even though their inputs did not change (and what reads them)")
+    p.add_argument("--dry-run", action="store_true", help="print which stages would run and why; change nothing")
     p.set_defaults(func=cmd_run)
 
     p = with_set(sub.add_parser("eval", help="re-score a finished run and regenerate RUN/eval/"))
@@ -459,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as err:
         return _print_errors(err)
     except jobs.ClusterError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except RunDirBusy as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
 

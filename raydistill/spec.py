@@ -47,6 +47,14 @@ def _replica_range_error(min_key: str, min_value: int, max_key: str, max_value: 
     return f"{max_key} ({max_value}) is below {min_key} ({min_value})" if max_value < min_value else None
 
 
+def _checked_engine_args(v: dict[str, Any]) -> dict[str, Any]:
+    from raydistill.engine_args import engine_args_problems
+
+    if problems := engine_args_problems(v):
+        raise ValueError("; ".join(problems))
+    return v
+
+
 class ReplicasSpec(_Section):
     min: int = Field(1, ge=1, description="Teacher engine actors kept running.")
     max: int = Field(1, ge=1, description="Most teacher engine actors Ray Data's autoscaling pool may start when a backlog builds.")
@@ -95,6 +103,11 @@ class TeacherSpec(_Section):
         if bind == "all":
             bind = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
         return {"VLLM_CPU_KVCACHE_SPACE": str(self.cpu_kv_cache_gib), "VLLM_CPU_OMP_THREADS_BIND": bind}
+
+    @field_validator("engine_args")
+    @classmethod
+    def _known_engine_args(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return _checked_engine_args(v)
 
     @field_validator("replicas", mode="before")
     @classmethod
@@ -187,6 +200,11 @@ class DataSpec(_Section):
             "Rows whose prompt (score mode: whole text) has more tokens are rejected. Unset: the teacher's "
             "max_model_len minus the generated tokens. Bounds vLLM's transient prompt-logprob buffer."
         ),
+    )
+    max_record_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=1,
+        description="Records (a JSONL or text line, a text file, a Parquet row as JSON) larger than this are rejected before they are parsed or tokenized.",
     )
     on_bad_row: Literal["reject", "fail"] = Field(
         "reject",
@@ -367,6 +385,11 @@ class ServeSpec(_Section):
         description="Ray resources of one replica's vLLM engine (its placement-group bundle), e.g. {GPU: 1, CPU: 4} on a GPU cluster.",
     )
 
+    @field_validator("engine_args")
+    @classmethod
+    def _known_engine_args(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return _checked_engine_args(v)
+
     @model_validator(mode="after")
     def _serve_cross_checks(self) -> "ServeSpec":
         errors = []
@@ -382,7 +405,19 @@ class ServeSpec(_Section):
 
 
 class RuntimeSpec(_Section):
-    run_dir: str = Field(description="Directory that holds every artifact of this job (signals, checkpoints, student, eval).")
+    run_dir: str = Field(
+        description=(
+            "Directory that holds every artifact of this job (signals, checkpoints, student, eval). New, empty, or an "
+            "earlier run's directory: never '', '/', your home directory or a directory of other files."
+        )
+    )
+
+    @field_validator("run_dir")
+    @classmethod
+    def _safe_run_dir(cls, v: str) -> str:
+        if problem := _run_dir_problem(v):
+            raise ValueError(problem)
+        return v
     ray_address: str | None = Field(None, description="Ray cluster to join; unset starts a local Ray inside the process.")
     num_cpus: int = Field(
         8,
@@ -413,6 +448,29 @@ class RuntimeSpec(_Section):
         default_factory=dict,
         description="`raydistill submit` only: environment variables for the job's driver, tasks and actors (runtime_env env_vars), e.g. HF_HOME or AWS_REGION.",
     )
+
+
+# What a run directory may hold before its manifest exists: the lock and the spec come first.
+_RUN_DIR_OWN_FILES = {".lock", ".lock.holder", "spec.yaml", ".spec.yaml.tmp"}
+
+
+def _run_dir_problem(value: str) -> str | None:
+    """Why ``value`` must not be a run directory: the pipeline writes, clears and replaces files under it."""
+    if "://" in value:
+        return None
+    if not value.strip():
+        return "is empty; name a directory for this run's artifacts"
+    path = Path(value).expanduser()
+    if path.resolve() == Path(path.anchor or "/") or path.resolve() == Path.home().resolve():
+        return f"is {'the root directory' if path.resolve() == Path(path.anchor or '/') else 'your home directory'}; name a directory of its own for this run"
+    if path.is_dir() and not (path / "manifest.json").exists():
+        others = [p.name for p in path.iterdir() if p.name not in _RUN_DIR_OWN_FILES]
+        if others:
+            return (f"is a non-empty directory that is not a raydistill run (no manifest.json; holds e.g. {sorted(others)[:3]}); "
+                    "a run clears and replaces files under its run_dir, so name a new or empty directory")
+    if path.exists() and not path.is_dir():
+        return "is a file, not a directory"
+    return None
 
 
 class JobSpec(_Section):
@@ -527,5 +585,17 @@ def load_spec(path: str | os.PathLike, overrides: list[str] | None = None) -> Jo
     return spec_from_dict(raw)
 
 
+# What files and shipped specs hold instead of a runtime.job_env_vars value (often a credential).
+ENV_VALUE_WITHHELD = "<withheld: set in the job's environment>"
+
+
+def redact(raw: dict) -> dict:
+    """``raw`` (a dumped spec) with ``runtime.job_env_vars`` values withheld: only their names are ever written down."""
+    runtime = raw.get("runtime")
+    if isinstance(runtime, dict) and isinstance(runtime.get("job_env_vars"), dict):
+        raw = {**raw, "runtime": {**runtime, "job_env_vars": dict.fromkeys(runtime["job_env_vars"], ENV_VALUE_WITHHELD)}}
+    return raw
+
+
 def dump_spec(spec: JobSpec) -> str:
-    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+    return yaml.safe_dump(redact(spec.model_dump(mode="json")), sort_keys=False)

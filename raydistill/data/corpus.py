@@ -51,45 +51,82 @@ def _line_datasource_cls():
         where a bad record can be rejected with its location.
         """
 
-        def __init__(self, paths, whole_file: bool = False, **kwargs):
+        def __init__(self, paths, whole_file: bool = False, max_record_bytes: int = 1 << 24, **kwargs):
             super().__init__(paths, **kwargs)
-            self.whole_file = whole_file
+            self.whole_file, self.cap = whole_file, max_record_bytes
 
         def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
             if self.whole_file:
-                yield pa.table({"raw": pa.array([f.readall()], pa.binary()), "source": [path]})
+                data = f.read(self.cap + 1)  # never more than the cap (plus one byte to notice) in memory
+                yield _records([data[:_RAW_SNIPPET] if len(data) > self.cap else data], [path], [len(data) if len(data) > self.cap else 0])
                 return
-            raws, sources, carry, lineno = [], [], b"", 0
-            while True:
-                chunk = f.read(1 << 20)
-                if not chunk:
-                    break
-                lines = (carry + chunk).split(b"\n")
-                carry = lines.pop()
-                for line in lines:
-                    lineno += 1
-                    if line.strip():
-                        raws.append(line)
-                        sources.append(f"{path}:{lineno}")
-                if len(raws) >= LINES_PER_BLOCK:
-                    yield pa.table({"raw": pa.array(raws, pa.binary()), "source": sources})
-                    raws, sources = [], []
-            if carry.strip():
-                raws.append(carry)
-                sources.append(f"{path}:{lineno + 1}")
-            if raws:
-                yield pa.table({"raw": pa.array(raws, pa.binary()), "source": sources})
+            yield from _split_lines(f, path, self.cap)
 
     return LineDatasource
 
 
-def _parquet_to_records(batch: pa.Table) -> pa.Table:
+def _records(raws: list[bytes], sources: list[str], oversize: list[int]) -> pa.Table:
+    return pa.table({"raw": pa.array(raws, pa.binary()), "source": sources, "oversize": pa.array(oversize, pa.int64())})
+
+
+def _split_lines(f, path: str, cap: int) -> Iterator[pa.Table]:
+    """Lines of ``f`` as records, in blocks; a line over ``cap`` bytes becomes an ``oversize`` record.
+
+    Pieces of a long line are gathered in a list and joined once (not re-concatenated per chunk),
+    and once a line passes the cap only a snippet of it is kept, so memory stays bounded whatever
+    the input.
+    """
+    raws: list[bytes] = []
+    sources: list[str] = []
+    oversize: list[int] = []
+    parts: list[bytes] = []
+    size, lineno = 0, 0
+
+    def finish() -> None:
+        line = b"".join(parts)
+        if size > cap:
+            raws.append(line)  # a snippet: see below
+            sources.append(f"{path}:{lineno}")
+            oversize.append(size)
+        elif line.strip():
+            raws.append(line)
+            sources.append(f"{path}:{lineno}")
+            oversize.append(0)
+
+    while chunk := f.read(1 << 20):
+        start = 0
+        while True:
+            nl = chunk.find(b"\n", start)
+            piece = chunk[start:] if nl < 0 else chunk[start:nl]
+            if size <= cap:
+                if size + len(piece) > cap:
+                    parts = [b"".join(parts + [piece])[:_RAW_SNIPPET]]
+                else:
+                    parts.append(piece)
+            size += len(piece)
+            if nl < 0:
+                break
+            lineno += 1
+            finish()
+            parts, size, start = [], 0, nl + 1
+        if len(raws) >= LINES_PER_BLOCK:
+            yield _records(raws, sources, oversize)
+            raws, sources, oversize = [], [], []
+    if size:
+        lineno += 1
+        finish()
+    if raws:
+        yield _records(raws, sources, oversize)
+
+
+def _parquet_to_records(batch: pa.Table, cap: int) -> pa.Table:
     """Parquet rows -> ``{raw: JSON text, source: path#row}`` so all formats share one parser."""
     paths = batch.column("path").to_pylist()
     rows = batch.drop_columns(["path"]).to_pylist()
     raws = [json.dumps(r, default=str).encode() for r in rows]
     # Ray does not expose a row's index within its file; the id (or content hash) locates it.
-    return pa.table({"raw": pa.array(raws, pa.binary()), "source": [f"{p}#parquet" for p in paths]})
+    return _records([r if len(r) <= cap else r[:_RAW_SNIPPET] for r in raws], [f"{p}#parquet" for p in paths],
+                    [0 if len(r) <= cap else len(r) for r in raws])
 
 
 def read_records(data: DataSpec):
@@ -98,8 +135,11 @@ def read_records(data: DataSpec):
 
     paths = _expand_paths(data.path)
     if data.format == "parquet":
-        return ray.data.read_parquet(paths, include_paths=True).map_batches(_parquet_to_records, batch_format="pyarrow")
-    return ray.data.read_datasource(_line_datasource_cls()(paths, whole_file=data.format == "text_files"))
+        return ray.data.read_parquet(paths, include_paths=True).map_batches(_parquet_to_records, fn_args=(data.max_record_bytes,), batch_format="pyarrow")
+    return ray.data.read_datasource(_line_datasource_cls()(paths, whole_file=data.format == "text_files", max_record_bytes=data.max_record_bytes))
+
+
+_NO_REQUEST = {"id": "", "prompt": "", "response": "", "prompt_ids": [], "target_ids": []}
 
 
 class RowError(ValueError):
@@ -198,14 +238,17 @@ class RequestBuilder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         out: dict[str, list] = {c: [] for c in REQUEST_COLUMNS}
-        for raw, source in zip(batch["raw"], batch["source"]):
+        for raw, source, oversize in zip(batch["raw"], batch["source"], batch["oversize"]):
             raw = bytes(raw)
             try:
+                if oversize:
+                    raise RowError(f"record is {int(oversize)} bytes, over the limit of {self.data.max_record_bytes} (data.max_record_bytes)")
                 row = self.build(raw, source)
                 reject = ""
             except RowError as err:
-                row = {"id": "", "prompt": "", "response": "", "prompt_ids": [], "target_ids": []}
-                reject = str(err)
+                row, reject = dict(_NO_REQUEST), str(err)
+            except Exception as err:  # noqa: BLE001 - one row's failure (a chat template that raises, JSON nested too deep) is that row's reject
+                row, reject = dict(_NO_REQUEST), f"{type(err).__name__}: {str(err)[:300]}"
             row.update(split=stable_split(row["id"], self.data.eval_fraction) if row["id"] else "", source=source, reject=reject,
                        raw="" if not reject else raw[:_RAW_SNIPPET].decode("utf-8", errors="replace"))
             for c in REQUEST_COLUMNS:

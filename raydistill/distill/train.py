@@ -129,14 +129,45 @@ def build_engine(model, inputs: TrainInputs):
     return engine
 
 
-def restore(engine) -> tuple[int, list[dict]]:
-    """Load the latest reported checkpoint, if any. Returns (completed steps, metric history)."""
+# Train settings that change how training runs, not what it computes: a checkpoint made with
+# other values of these is still this run's.
+_RUNTIME_TRAIN_KEYS = ("checkpoint_every", "checkpoints_to_keep", "max_failures", "tensorboard")
+CHECKPOINT_META = "raydistill_checkpoint.json"
+
+
+def checkpoint_identity(inputs: "TrainInputs") -> dict:
+    """What a checkpoint must have been made with to be resumed from: the student, the losses, the schedule."""
+    train = {k: v for k, v in inputs.train.model_dump(mode="json").items() if k not in _RUNTIME_TRAIN_KEYS}
+    return {"student_init": inputs.student_path, "total_steps": inputs.total_steps, "train": train,
+            "distill": inputs.distill.model_dump(mode="json"), "freeze_embeddings": inputs.freeze_embeddings}
+
+
+def check_checkpoint(meta: dict | None, inputs: "TrainInputs", where: str) -> None:
+    """Refuse a checkpoint of another student or spec (Ray Train hands back whatever its storage holds)."""
+    mine = checkpoint_identity(inputs)
+    theirs = (meta or {}).get("identity")
+    if theirs == mine:
+        return
+    if theirs is None:
+        why = "it records no identity (made by an older raydistill)"
+    else:
+        keys = sorted(k for k in mine if theirs.get(k) != mine[k])
+        sub = [f"{k}.{s}" for k in ("train", "distill") if k in keys for s in sorted(set(mine[k]) | set(theirs.get(k) or {}))
+               if (theirs.get(k) or {}).get(s) != mine[k].get(s)]
+        why = "it was made with other " + ", ".join(sub + [k for k in keys if k not in ("train", "distill")])
+    raise RuntimeError(f"the checkpoint in {where} is not this run's: {why}. Delete that checkpoints directory to train from the start.")
+
+
+def restore(engine, inputs: "TrainInputs") -> tuple[int, list[dict]]:
+    """Load the latest reported checkpoint, if any, after checking it is this run's. Returns (completed steps, metric history)."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return 0, []
     with checkpoint.as_directory() as d:
+        meta_file = Path(d) / CHECKPOINT_META
+        check_checkpoint(json.loads(meta_file.read_text()) if meta_file.exists() else None, inputs, checkpoint.path)
         path, client = engine.load_checkpoint(d, tag=DS_TAG)
     if path is None:
         raise RuntimeError(f"checkpoint {checkpoint.path} holds no DeepSpeed state")
@@ -352,8 +383,9 @@ def save_checkpoint(engine, step: int, history: list[dict], inputs: TrainInputs,
         if rank == 0:
             # The checkpoint explains itself: which settings produced it.
             meta = {"step": step, "total_steps": inputs.total_steps, "train": inputs.train.model_dump(mode="json"),
-                    "distill": inputs.distill.model_dump(mode="json"), "student_init": inputs.student_path}
-            Path(tmp, "raydistill_checkpoint.json").write_text(json.dumps(meta, indent=2))
+                    "distill": inputs.distill.model_dump(mode="json"), "student_init": inputs.student_path,
+                    "identity": checkpoint_identity(inputs)}
+            Path(tmp, CHECKPOINT_META).write_text(json.dumps(meta, indent=2))
             if final:
                 torch.save({"input_ids": ids, "logits": logits}, os.path.join(tmp, REFERENCE_LOGITS_FILE))
                 Path(tmp, EXPORT_METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in history))
@@ -377,7 +409,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(inputs.student_path)
     engine = build_engine(build_model(inputs), inputs)
-    start, history = restore(engine)
+    start, history = restore(engine, inputs)
     log = MetricsLog(rank, inputs.log_dir, train.tensorboard, inputs.total_steps)
     if inputs.log_dir:
         # Which process is which rank, for py-spy, kill tests and post-mortems.

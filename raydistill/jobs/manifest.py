@@ -1,4 +1,4 @@
-"""``RUN/manifest.json``: per-stage status, timings and outputs, so a re-run skips finished work."""
+"""``RUN/manifest.json``: per stage, its status, timings, outputs and the fingerprint of the inputs it ran on."""
 
 from __future__ import annotations
 
@@ -8,9 +8,6 @@ import time
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
-
-STAGES = ("teacher", "train", "eval", "serve-check")
-
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -29,22 +26,23 @@ class Manifest:
         tmp.write_text(json.dumps(self.data, indent=2, default=str))
         os.replace(tmp, self.path)
 
-    def succeeded(self, stage: str) -> bool:
-        return self.data["stages"].get(stage, {}).get("status") == "succeeded"
-
-    def outputs(self, stage: str) -> dict:
-        return self.data["stages"].get(stage, {}).get("outputs", {})
+    def entry(self, stage: str) -> dict:
+        return self.data["stages"].get(stage, {})
 
     def set_info(self, key: str, value) -> None:
         self.data[key] = value
         self.save()
 
+    def mark(self, name: str, **fields) -> None:
+        self.data["stages"].setdefault(name, {}).update(fields)
+        self.save()
+
     @contextmanager
-    def stage(self, name: str):
-        """Record a stage's run. The body fills the yielded dict with the stage's outputs."""
+    def stage(self, name: str, **record):
+        """Record a stage's run; ``record`` (fingerprint, inputs, ...) is kept with it. The body fills the yielded dict with the outputs."""
         outputs: dict = {}
         started = time.time()
-        entry = {"status": "running", "started_at": _now(), "outputs": outputs}
+        entry = {"status": "running", "started_at": _now(), **record, "outputs": outputs}
         self.data["stages"][name] = entry
         self.save()
         try:

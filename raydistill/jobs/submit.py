@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import yaml
 
 from raydistill.models import is_builtin_model
-from raydistill.spec import JobSpec, SpecError, apply_overrides, spec_from_dict
+from raydistill.spec import redact, JobSpec, SpecError, apply_overrides, spec_from_dict
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
@@ -334,7 +334,8 @@ def prepare_submission(spec_path: str | os.PathLike, overrides: list[str]) -> Su
     if shipped["runtime"]["ray_address"] is None:
         # The driver runs inside the cluster, where RAY_ADDRESS is set; a local ray.init(num_cpus=...) would fail there.
         shipped["runtime"]["ray_address"] = "auto"
-    spec_yaml = yaml.safe_dump(shipped, sort_keys=False)
+    # The values of job_env_vars reach the job through its runtime_env only, never inside the spec.
+    spec_yaml = yaml.safe_dump(redact(shipped), sort_keys=False)
     metadata = {"raydistill_spec": os.path.basename(str(spec_path)), "run_dir": spec.runtime.run_dir}
     notes = [f"{key}: {value!r} is not on this machine; the job checks it on the cluster" for key, value in deferred.items()]
     return Submission(spec, spec_yaml, build_entrypoint(), build_runtime_env(spec, spec_yaml), metadata, notes)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import time
 import urllib.request
 from pathlib import Path
 
@@ -84,16 +83,17 @@ def base_url(serve: ServeSpec, host: str | None = None, port: int | None = None)
     return f"http://{shown}:{port or serve.port}"
 
 
-def deploy(models: list[Served], serve: ServeSpec, key_sha256: str | None, timeout_s: float = 600.0, route_prefix: str = "/") -> str:
+def deploy(models: list[Served], serve: ServeSpec, key_sha256: str | None, route_prefix: str = "/") -> str:
     """Deploy the app as ``serve.app_name`` on the connected Ray; return its base URL once it is RUNNING.
 
-    When Serve already runs on the cluster, its HTTP proxy (and port) are kept and the URL uses them.
+    ``serve.run`` waits for RUNNING and raises with the replicas' error when the app fails to
+    deploy. When Serve already runs on the cluster, its HTTP proxy (and port) are kept and the URL
+    uses them.
     """
     from ray import serve as ray_serve
 
     ray_serve.start(http_options={"host": serve.host, "port": serve.port})
     ray_serve.run(build_app(models, serve, key_sha256), name=serve.app_name, route_prefix=route_prefix, blocking=False)
-    wait_running(serve.app_name, timeout_s)
     return base_url(serve, port=_proxy_port(serve.port)) + route_prefix.rstrip("/")
 
 
@@ -106,20 +106,6 @@ def _proxy_port(default: int) -> int:
         return int(_get_global_client().http_config.port)
     except Exception:  # noqa: BLE001 - an older or newer Ray: fall back to what was asked for
         return default
-
-
-def wait_running(app_name: str, timeout_s: float = 600.0) -> None:
-    from ray import serve as ray_serve
-
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        status = ray_serve.status().applications.get(app_name)
-        if status is not None and status.status == "RUNNING":
-            return
-        if status is not None and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
-            raise RuntimeError(f"serve app {app_name} is {status.status}: {status.message}")
-        time.sleep(2)
-    raise TimeoutError(f"serve app {app_name} not running after {timeout_s:.0f}s")
 
 
 def engine_dtypes(app_name: str, timeout_s: float = 30.0) -> dict[str, dict]:

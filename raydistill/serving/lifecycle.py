@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -112,44 +111,46 @@ def start_local_head(num_cpus: int, timeout_s: float = 120.0) -> dict:
 
 
 def _marked_pids(marker: str) -> list[int]:
-    needle = f"{MARKER_VAR}={marker}".encode()
+    import psutil
+
     pids = []
-    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if needle in (entry / "environ").read_bytes():
-                    pids.append(int(entry.name))
-            except OSError:
-                pass
+    for proc in psutil.process_iter(["pid"]):
+        if proc.pid == os.getpid():
+            continue
+        try:
+            if proc.environ().get(MARKER_VAR) == marker:
+                pids.append(proc.pid)
+        except (psutil.Error, OSError):  # gone, or another user's process
+            pass
     return pids
 
 
 def _terminate(pid: int, marker: str, timeout_s: float = 30.0) -> None:
+    import psutil
+
     try:
-        os.kill(pid, signal.SIGTERM)  # `ray start --block` stops its node's processes on SIGTERM
-    except ProcessLookupError:
+        head = psutil.Process(pid)
+        head.terminate()  # `ray start --block` stops its node's processes on SIGTERM
+        head.wait(timeout=timeout_s)
+    except psutil.NoSuchProcess:
         pass
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and _alive(pid):
-        time.sleep(0.5)
+    except psutil.TimeoutExpired:
+        pass
     for straggler in ([pid] if _alive(pid) else []) + _marked_pids(marker):
         try:
-            os.kill(straggler, signal.SIGKILL)
-        except ProcessLookupError:
+            psutil.Process(straggler).kill()
+        except psutil.NoSuchProcess:
             pass
 
 
 def _alive(pid: int) -> bool:
+    import psutil
+
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
-        return True
-    # A zombie child of ours has exited; reap it so it does not count as alive.
-    try:
-        return os.waitpid(pid, os.WNOHANG) == (0, 0)
-    except ChildProcessError:
+    except psutil.AccessDenied:
         return True
 
 

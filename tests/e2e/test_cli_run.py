@@ -34,7 +34,88 @@ def test_tiny_run_end_to_end_then_rerun_skips(tiny_run, tiny_spec, run_cli):
 
     again = run_cli(args, timeout=600)
     assert again.returncode == 0, again.stderr[-4000:]
-    assert again.stdout.count("already succeeded") == 4
+    assert again.stdout.count("inputs unchanged") == 4 and "starting" not in again.stdout
+    # Each stage records the spec fields it ran with and the fingerprint of its inputs.
+    assert manifest["stages"]["train"]["spec"]["train.max_steps"] == tiny_spec.train.max_steps
+    assert all(len(manifest["stages"][s]["fingerprint"]) == 16 for s in manifest["stages"])
+
+
+def _mtimes(run_dir: Path) -> dict[str, int]:
+    return {str(p): p.stat().st_mtime_ns for p in sorted(run_dir.rglob("*"))}
+
+
+def test_dry_run_prints_the_plan_and_changes_nothing(tiny_run, tiny_spec, run_cli):
+    args = tiny_run[0]
+    run_dir = Path(tiny_spec.runtime.run_dir)
+    before = _mtimes(run_dir)
+    proc = run_cli([*args, "--dry-run", "--set", "train.lr=0.0005"], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = {l.split()[0]: l.split(None, 2)[1:] for l in proc.stdout.splitlines() if l.startswith("  ")}
+    assert lines["teacher"] == ["skip", "inputs unchanged"]
+    assert lines["train"] == ["run", "inputs changed: train.lr"]
+    assert lines["eval"][0] == lines["serve-check"][0] == "run"
+    proc = run_cli([*args, "--dry-run", "--set", "teacher_pass.top_k=4"], timeout=300)
+    assert proc.returncode == 0 and "teacher      run          inputs changed: teacher_pass.top_k" in proc.stdout, proc.stdout
+    assert _mtimes(run_dir) == before
+
+
+@pytest.fixture
+def run_copy(tiny_run, tiny_spec, tmp_path):
+    """The shared tiny run, copied, for tests that change it."""
+    import shutil
+
+    copy = tmp_path / "run-copy"
+    shutil.copytree(tiny_spec.runtime.run_dir, copy)
+    return tiny_run[0], copy
+
+
+def _with_run_dir(args: list[str], run_dir: Path) -> list[str]:
+    return [a if not a.startswith("runtime.run_dir=") else f"runtime.run_dir={run_dir}" for a in args]
+
+
+def test_changed_learning_rate_reruns_train_not_the_teacher(run_copy, run_cli):
+    args, run_dir = run_copy
+    signals_before = _mtimes(run_dir / "signals")
+    proc = run_cli([*_with_run_dir(args, run_dir), "--set", "train.lr=0.0005", "--stages", "teacher,train"], timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "==> [teacher] starting" not in proc.stdout and "==> [train] starting" in proc.stdout
+    assert f"clearing {run_dir / 'checkpoints'}" in proc.stdout  # the old student's checkpoints are never resumed from
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["stages"]["train"]["spec"]["train.lr"] == 0.0005 and manifest["stages"]["train"]["runs"] == 2
+    assert manifest["stages"]["eval"]["status"] == manifest["stages"]["serve-check"]["status"] == "stale"
+    assert _mtimes(run_dir / "signals") == signals_before
+
+
+def test_changed_corpus_keeps_only_the_new_ids(run_copy, run_cli, tmp_path):
+    args, run_dir = run_copy
+    corpus = tmp_path / "other.jsonl"
+    corpus.write_text("".join(json.dumps({"id": f"new{i}", "prompt": p}) + "\n" for i, p in enumerate(["hi", "A calm lake.", "Old roads."])))
+    proc = run_cli([*_with_run_dir(args, run_dir), "--set", f"data.path={corpus}", "--stages", "teacher"], timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "inputs changed: corpus, data.path" in proc.stdout
+    assert sorted(load_signals(run_dir / "signals", columns=["id"])["id"].to_pylist()) == ["new0", "new1", "new2"]
+
+
+def test_a_second_run_on_the_same_directory_fails_at_once(run_copy, run_cli):
+    import subprocess
+    import sys
+
+    args, run_dir = run_copy
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import time
+from raydistill.jobs.pipeline import run_lock
+from raydistill.jobs.rundir import RunDir
+with run_lock(RunDir.of({str(run_dir)!r})):
+    print("held", flush=True)
+    time.sleep(300)
+"""], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        proc = run_cli([*_with_run_dir(args, run_dir), "--force", "eval"], timeout=120)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert proc.returncode == 1 and f"is in use by another raydistill run (pid {holder.pid} " in proc.stderr, proc.stderr
 
 
 def test_validate_lists_every_error(run_cli):

@@ -66,6 +66,8 @@ def _mixed_corpus(path: Path) -> dict[str, str]:
         b'{"id": "b5", "prompt": "bad \xff\xfe bytes", "response": "x"}': "invalid UTF-8",
         json.dumps({"id": "b6", "prompt": "word " * 200, "response": "x"}).encode(): "exceeds the limit",
         b"[1, 2, 3]": "expected a JSON object",
+        b'{"id": "b8", "prompt": ' + b"[" * 10_000 + b"]" * 10_000 + b"}": "RecursionError",
+        b'{"id": "b9", "prompt": "' + b"x" * (50 << 20) + b'"}': "over the limit of 16777216 (data.max_record_bytes)",
     }
     expected = {}
     for raw, reason in bad.items():

@@ -161,3 +161,37 @@ def test_cpu_engine_env_binds_the_chosen_cores(tmp_path):
     with pytest.raises(SpecError) as err:
         load_spec(_write(tmp_path, raw))
     assert "teacher.cpu_threads_bind: 'every core'" in str(err.value)
+
+
+@pytest.mark.parametrize("run_dir,reason", [("", "is empty"), ("/", "root directory"), ("~", "home directory"), ("HERE", "not a raydistill run")])
+def test_unsafe_run_dirs_are_refused(tmp_path, run_dir, reason):
+    raw = _minimal(tmp_path)
+    # tmp_path holds the corpus and no manifest: a directory of other files.
+    raw["runtime"]["run_dir"] = str(tmp_path) if run_dir == "HERE" else run_dir
+    with pytest.raises(SpecError) as err:
+        load_spec(_write(tmp_path, raw))
+    assert len(err.value.errors) == 1 and err.value.errors[0].startswith("runtime.run_dir: ") and reason in err.value.errors[0]
+
+
+def test_a_new_or_earlier_run_dir_is_accepted(tmp_path):
+    raw = _minimal(tmp_path)
+    run = tmp_path / "run"
+    assert load_spec(_write(tmp_path, raw)).runtime.run_dir == str(run)  # does not exist yet
+    run.mkdir()
+    (run / "manifest.json").write_text("{}")
+    (run / "signals").mkdir()
+    assert load_spec(_write(tmp_path, raw)).runtime.run_dir == str(run)  # an earlier run's directory
+
+
+def test_engine_args_are_checked_against_vllm(tmp_path):
+    raw = _minimal(tmp_path)
+    raw["teacher"]["engine_args"] = {"max_model_length": 512, "enforce_eager": True}
+    raw["serve"] = {"engine_args": {"max_model_len": "abc", "dtype": "auto"}}
+    with pytest.raises(SpecError) as err:
+        load_spec(_write(tmp_path, raw))
+    teacher, serve = sorted(err.value.errors)[1], sorted(err.value.errors)[0]
+    assert teacher.startswith("teacher.engine_args: ") and "max_model_length: not a vLLM engine argument (did you mean max_model_len?)" in teacher
+    assert serve.startswith("serve.engine_args: ") and "max_model_len: 'abc' is not valid for vLLM" in serve
+    raw["teacher"]["engine_args"] = {"max_model_len": 512, "dtype": "float32", "enforce_eager": True, "max_logprobs": 32}
+    raw["serve"]["engine_args"] = {"max_model_len": 256}
+    assert load_spec(_write(tmp_path, raw)).teacher.engine_args["max_model_len"] == 512

@@ -59,6 +59,18 @@ def test_entrypoint_and_runtime_env_carry_the_resolved_spec(tmp_path):
     assert sub.metadata["run_dir"] == str(tmp_path / "run")
 
 
+def test_job_env_var_values_travel_only_in_the_runtime_env(tmp_path):
+    from raydistill.spec import dump_spec, load_spec
+
+    path = _spec(tmp_path, {"shared_storage": True, "job_env_vars": {"HF_TOKEN": "hf_secret_123", "AWS_REGION": "eu-west-1"}})
+    sub = prepare_submission(path, [])
+    assert sub.runtime_env["env_vars"]["HF_TOKEN"] == "hf_secret_123"
+    shipped = sub.runtime_env["env_vars"][SPEC_ENV_VAR]
+    assert "hf_secret_123" not in shipped and "eu-west-1" not in shipped
+    assert sorted(yaml.safe_load(shipped)["runtime"]["job_env_vars"]) == ["AWS_REGION", "HF_TOKEN"]  # the names stay
+    assert "hf_secret_123" not in dump_spec(load_spec(path))  # what RUN/spec.yaml holds
+
+
 def test_an_explicit_ray_address_is_kept(tmp_path):
     sub = prepare_submission(_spec(tmp_path, {"shared_storage": True, "ray_address": "10.0.0.1:6379"}), [])
     assert yaml.safe_load(sub.spec_yaml)["runtime"]["ray_address"] == "10.0.0.1:6379"

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from raydistill.distill.train import MetricsLog, _micro_batches, reference_batch, total_steps
 from raydistill.spec import TrainSpec
@@ -52,3 +53,20 @@ def test_metrics_log_writes_only_on_rank_zero(tmp_path, capsys):
     assert lines == [{"event": "resumed_from", "step": 0}, record]
     assert "step 1/3 loss 2.0000" in capsys.readouterr().out
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_a_checkpoint_of_another_run_is_refused():
+    from raydistill.distill.train import TrainInputs, check_checkpoint, checkpoint_identity
+    from raydistill.spec import DistillSpec, TrainSpec
+
+    inputs = TrainInputs(train=TrainSpec(lr=1e-3), distill=DistillSpec(), student_path="/models/student", total_steps=10, ds_config={})
+    check_checkpoint({"identity": checkpoint_identity(inputs)}, inputs, "RUN/checkpoints")  # its own: accepted
+    # Cadence and retry settings do not make it another run's.
+    same = TrainInputs(train=TrainSpec(lr=1e-3, checkpoint_every=3, max_failures=0), distill=DistillSpec(), student_path="/models/student",
+                       total_steps=10, ds_config={})
+    check_checkpoint({"identity": checkpoint_identity(inputs)}, same, "RUN/checkpoints")
+    other = TrainInputs(train=TrainSpec(lr=5e-4), distill=DistillSpec(loss="jsd"), student_path="/models/other", total_steps=10, ds_config={})
+    with pytest.raises(RuntimeError, match=r"not this run's: it was made with other train.lr, distill.loss, student_init"):
+        check_checkpoint({"identity": checkpoint_identity(inputs)}, other, "RUN/checkpoints")
+    with pytest.raises(RuntimeError, match="records no identity"):
+        check_checkpoint({"step": 4}, inputs, "RUN/checkpoints")

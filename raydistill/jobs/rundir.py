@@ -1,0 +1,49 @@
+"""``RunDir``: every path of one run, in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    @classmethod
+    def of(cls, run_dir: str | Path) -> "RunDir":
+        return cls(Path(run_dir))
+
+    @property
+    def spec(self) -> Path:
+        return self.root / "spec.yaml"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.json"
+
+    @property
+    def signals(self) -> Path:
+        return self.root / "signals"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def train(self) -> Path:
+        """Training logs: the generated DeepSpeed config, metrics.jsonl."""
+        return self.root / "train"
+
+    @property
+    def student_init(self) -> Path:
+        """A student pruned from the teacher, before training."""
+        return self.root / "student_init"
+
+    @property
+    def student(self) -> Path:
+        return self.root / "student"
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval"

@@ -1,0 +1,98 @@
+"""The table of stages: what each reads and writes, and the one function that runs it.
+
+``run``, ``eval`` and anything later read this table (``raydistill.jobs.pipeline``); nothing
+dispatches on a stage's name. A stage's inputs are the spec fields it reads (minus the ones
+that change how it runs but not what it produces), the models it loads, the corpus, and the
+outputs of the stages it reads from; their fingerprint decides whether it runs again
+(``raydistill.jobs.fingerprint``). Its outputs are paths of the ``RunDir``, cleared before it
+runs on changed inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from raydistill.jobs.rundir import RunDir
+from raydistill.spec import JobSpec
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What every stage function receives: the spec, the run's paths and the resolved models."""
+
+    spec: JobSpec
+    run: RunDir
+    teacher_path: str
+    student_path: str | None  # None for a student pruned from the teacher (built by train)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[[StageContext], dict]
+    reads: tuple[str, ...]  # dotted spec keys
+    ignores: tuple[str, ...] = ()  # keys under ``reads`` that do not change the outputs
+    after: tuple[str, ...] = ()  # stages whose outputs it reads
+    models: Callable[[StageContext], dict[str, str]] = lambda ctx: {}  # role -> model directory it loads
+    reads_corpus: bool = False
+    outputs: Callable[[RunDir], tuple[Path, ...]] = lambda run: ()
+    enabled: Callable[[JobSpec], bool] = lambda spec: True
+
+
+def _teacher(ctx: StageContext) -> dict:
+    from raydistill.teacher.stage import run_teacher_stage
+
+    s = ctx.spec
+    return run_teacher_stage(s.data, s.teacher, s.teacher_pass, ctx.teacher_path, str(ctx.run.signals))
+
+
+def _train(ctx: StageContext) -> dict:
+    from raydistill.distill.train import run_train_stage
+
+    s = ctx.spec
+    return run_train_stage(s.train, s.distill, ctx.student_path, str(ctx.run.signals), str(ctx.run.root), student=s.student, teacher_path=ctx.teacher_path)
+
+
+def _eval(ctx: StageContext) -> dict:
+    from raydistill.eval.stage import run_eval_stage
+
+    s = ctx.spec
+    return run_eval_stage(s.eval, s.train.max_seq_len, str(ctx.run.student), ctx.teacher_path, str(ctx.run.signals), str(ctx.run.root),
+                          s.teacher.engine_args, s.teacher.cpu_engine_env())
+
+
+def _serve_check(ctx: StageContext) -> dict:
+    from raydistill.data.signals import load_signals
+    from raydistill.serving.app import serve_check
+
+    table = load_signals(ctx.run.signals, columns=["prompt", "split"])
+    prompts = [p for p, s in zip(table["prompt"].to_pylist(), table["split"].to_pylist()) if s == "eval"]
+    out = serve_check(str(ctx.run.student), ctx.spec.model_id, ctx.spec.serve, (prompts or table["prompt"].to_pylist())[0])
+    print(f"[serve-check] {out['prompt']!r} -> {out['answer']!r}", flush=True)
+    return out
+
+
+def _student_models(ctx: StageContext) -> dict[str, str]:
+    return {"teacher": ctx.teacher_path} if ctx.student_path is None else {"student": ctx.student_path}
+
+
+# Keys that change how a stage runs (its parallelism, cadence, placement) but not what it produces.
+_TEACHER_RUNTIME = ("teacher_pass.shard_rows",)
+_TRAIN_RUNTIME = ("train.checkpoint_every", "train.checkpoints_to_keep", "train.max_failures", "train.tensorboard")
+_SERVE_RUNTIME = ("serve.host", "serve.port", "serve.app_name", "serve.api_key_env", "serve.min_replicas", "serve.max_replicas",
+                  "serve.target_ongoing_requests", "serve.max_ongoing_requests", "serve.replica_resources",
+                  "serve.health_check_period_s", "serve.health_check_timeout_s")
+
+STAGES: tuple[Stage, ...] = (
+    Stage("teacher", _teacher, reads=("teacher.model", "teacher.engine_args", "data", "teacher_pass"), ignores=_TEACHER_RUNTIME,
+          models=lambda ctx: {"teacher": ctx.teacher_path}, reads_corpus=True, outputs=lambda run: (run.signals,)),
+    Stage("train", _train, reads=("student", "distill", "train"), ignores=_TRAIN_RUNTIME, after=("teacher",), models=_student_models,
+          outputs=lambda run: (run.checkpoints, run.train, run.student_init, run.student)),
+    Stage("eval", _eval, reads=("eval", "train.max_seq_len", "teacher.engine_args"), ignores=("eval.enabled", "eval.num_cpus"),
+          after=("teacher", "train"), models=lambda ctx: {"teacher": ctx.teacher_path}, outputs=lambda run: (run.eval,),
+          enabled=lambda spec: spec.eval.enabled),
+    Stage("serve-check", _serve_check, reads=("serve",), ignores=_SERVE_RUNTIME, after=("teacher", "train")),
+)
+STAGE_NAMES = tuple(s.name for s in STAGES)
