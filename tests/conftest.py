@@ -69,3 +69,25 @@ def tiny_run(tiny_spec):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     manifest = json.loads((Path(s.runtime.run_dir) / "manifest.json").read_text())
     return args, proc, manifest
+
+
+@pytest.fixture
+def run_lock_holder():
+    """``run_lock_holder(run_dir)``: a separate process that holds the run directory's lock until the test ends; returns it."""
+    import contextlib
+
+    procs = []
+
+    def hold(run_dir) -> subprocess.Popen:
+        code = ("import time\nfrom raydistill.jobs.pipeline import run_lock\nfrom raydistill.jobs.rundir import RunDir\n"
+                f"with run_lock(RunDir.of({str(run_dir)!r})):\n    print('held', flush=True)\n    time.sleep(600)\n")
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        procs.append(proc)
+        assert proc.stdout.readline().strip() == "held"
+        return proc
+
+    yield hold
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait()

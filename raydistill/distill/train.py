@@ -16,18 +16,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from raydistill.distill.dsconfig import deepspeed_config, uses_client_optimizer
+from raydistill.distill.export import EXPORT_DIR, EXPORT_METRICS_FILE, REFERENCE_LOGITS_FILE, export_hf, export_student, reference_logits
 from raydistill.spec import DistillSpec, StudentSpec, TrainSpec
 
-EXPORT_DIR = "student"
-EXPORT_METRICS_FILE = "train_metrics.jsonl"
-REFERENCE_LOGITS_FILE = "reference_logits.pt"
 DS_TAG = "ds"
 
 
@@ -75,14 +72,6 @@ def _to_tensors(batch: dict, device):
     import torch
 
     return {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
-
-
-def reference_batch(vocab_size: int, seed: int):
-    """A fixed [2, 16] batch of token ids on which export fidelity is checked."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab_size, (2, 16), generator=g)
 
 
 def build_model(inputs: TrainInputs):
@@ -348,28 +337,6 @@ class MetricsLog:
             self.tb.close()
 
 
-def _export(engine, tokenizer, zero_stage: int, rank: int, out_dir: str) -> None:
-    """Save a plain HF directory (safetensors, config, generation config, tokenizer) from the engine."""
-    # Under ZeRO-3 each rank holds a slice of every parameter; gathering is a collective.
-    state = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else engine.module.state_dict()
-    if rank == 0:
-        engine.module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(out_dir)
-
-
-def _reference_logits(engine, seed: int):
-    """[2, 16, V] logits of the in-training model on ``reference_batch`` (all ranks: ZeRO-3 gathers)."""
-    import torch
-
-    model = engine.module
-    ids = reference_batch(model.config.get_text_config().vocab_size, seed).to(engine.device)
-    model.eval()
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits.float().cpu()
-    model.train()
-    return ids.cpu(), logits
-
-
 def save_checkpoint(engine, step: int, history: list[dict], inputs: TrainInputs, rank: int, final: bool, tokenizer) -> None:
     """Every rank saves its part of the DeepSpeed state (plus, when ``final``, the HF export) and reports it."""
     import ray.train
@@ -378,8 +345,8 @@ def save_checkpoint(engine, step: int, history: list[dict], inputs: TrainInputs,
     with tempfile.TemporaryDirectory() as tmp:
         engine.save_checkpoint(tmp, tag=DS_TAG, client_state={"step": step, "history": history})
         if final:
-            ids, logits = _reference_logits(engine, inputs.train.seed)
-            _export(engine, tokenizer, inputs.train.zero_stage, rank, os.path.join(tmp, EXPORT_DIR))
+            ids, logits = reference_logits(engine, inputs.train.seed)
+            export_hf(engine, tokenizer, inputs.train.zero_stage, rank, os.path.join(tmp, EXPORT_DIR))
         if rank == 0:
             # The checkpoint explains itself: which settings produced it.
             meta = {"step": step, "total_steps": inputs.total_steps, "train": inputs.train.model_dump(mode="json"),
@@ -449,18 +416,6 @@ def train_loop_per_worker(config: dict) -> None:
     log.close()
 
 
-def check_export(student_dir: str, reference_path: str) -> float:
-    """Max |logit difference| between the exported model and the in-training model on the reference batch."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    ref = torch.load(reference_path)
-    model = AutoModelForCausalLM.from_pretrained(student_dir).eval()
-    with torch.no_grad():
-        logits = model(input_ids=ref["input_ids"]).logits.float()
-    return float((logits - ref["logits"]).abs().max())
-
-
 def run_train_stage(
     train: TrainSpec,
     distill: DistillSpec,
@@ -476,8 +431,6 @@ def run_train_stage(
     ``student`` (with ``teacher_path``) selects the initialization; without it ``student_path``
     is used as a pretrained start.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
     from transformers import AutoTokenizer
 
     from raydistill.data.signals import check_tokenizer_matches, load_signals, read_signals
@@ -512,7 +465,28 @@ def run_train_stage(
         freeze_embeddings=bool(student and student.freeze_embeddings),
         log_dir=None if "://" in run_dir else str(train_dir),
     )
-    trainer = TorchTrainer(
+    result = build_trainer(inputs, train_ds, run_dir).fit()
+    student_dir, export_diff = export_student(result.checkpoint, Path(run_dir) / "student", train_dir)
+    print(f"[train] exported {student_dir}; max |logit diff| vs the in-training model: {export_diff:.2e}", flush=True)
+    return {
+        "student_dir": str(student_dir),
+        "student_init": student_path,
+        "metrics": str(train_dir / "metrics.jsonl"),
+        "checkpoint": result.checkpoint.path,
+        "steps": steps,
+        "train_rows": n_rows,
+        "final_loss": result.metrics["loss"] if result.metrics else None,
+        "export_max_logit_diff": export_diff,
+    }
+
+
+def build_trainer(inputs: TrainInputs, train_ds, run_dir: str):
+    """Ray Train's TorchTrainer over ``train_loop_per_worker``, with checkpoints and restarts under RUN/checkpoints."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    train = inputs.train
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"inputs": inputs},
         scaling_config=ScalingConfig(num_workers=train.workers, use_gpu=train.use_gpu),
@@ -527,23 +501,3 @@ def run_train_stage(
             checkpoint_config=CheckpointConfig(num_to_keep=train.checkpoints_to_keep),
         ),
     )
-    result = trainer.fit()
-    student_dir = Path(run_dir) / "student"
-    if student_dir.exists():
-        shutil.rmtree(student_dir)
-    with result.checkpoint.as_directory() as ckpt:
-        shutil.copytree(Path(ckpt) / EXPORT_DIR, student_dir)
-        shutil.copy(Path(ckpt) / EXPORT_METRICS_FILE, train_dir / "metrics.jsonl")
-        shutil.copy(Path(ckpt) / REFERENCE_LOGITS_FILE, train_dir / REFERENCE_LOGITS_FILE)
-    export_diff = check_export(str(student_dir), str(train_dir / REFERENCE_LOGITS_FILE))
-    print(f"[train] exported {student_dir}; max |logit diff| vs the in-training model: {export_diff:.2e}", flush=True)
-    return {
-        "student_dir": str(student_dir),
-        "student_init": student_path,
-        "metrics": str(train_dir / "metrics.jsonl"),
-        "checkpoint": result.checkpoint.path,
-        "steps": steps,
-        "train_rows": n_rows,
-        "final_loss": result.metrics["loss"] if result.metrics else None,
-        "export_max_logit_diff": export_diff,
-    }

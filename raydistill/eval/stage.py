@@ -96,13 +96,40 @@ def run_eval_stage(
     ``engine_args`` and ``engine_env`` are the vLLM settings and environment both models generate
     with (the teacher's: ``TeacherSpec.engine_args`` and ``cpu_engine_env()``).
     """
+    from raydistill.data.signals import load_signals
+    from raydistill.eval.report import model_size
+
+    totals, n_rows = score_pairs(eval_spec, max_seq_len, student_path, teacher_path, signals_dir)
+    report = summarize(totals, n_rows)
+    report["student_dir"], report["teacher_dir"] = student_path, teacher_path
+    report["student"].update(model_size(student_path))
+    report["teacher"].update(model_size(teacher_path))
+
+    table = load_signals(signals_dir, columns=["prompt", "split"])
+    prompts = [p for p, s in zip(table["prompt"].to_pylist(), table["split"].to_pylist()) if s == "eval"]
+    if eval_spec.measure_speed or eval_spec.side_by_side:
+        figures = generation_figures(eval_spec, student_path, teacher_path, prompts, engine_args, engine_env)
+        for m in ("student", "teacher"):
+            report[m].update(figures.pop(m))
+        report.update(figures)
+    eval_dir = write_report(report, Path(run_dir))
+    print(
+        f"[eval] {n_rows} held-out sequences: student NLL {report['student']['nll']:.3f}, "
+        f"teacher NLL {report['teacher']['nll']:.3f}, KL {report['kl_to_teacher']:.3f}, "
+        f"top-1 agreement {report['top1_agreement']:.1%}",
+        flush=True,
+    )
+    return {"report": str(eval_dir / "report.json"), **{k: report[k] for k in ("kl_to_teacher", "top1_agreement")},
+            **({"engine_dtype": report["engine_dtype"]} if "engine_dtype" in report else {})}
+
+
+def score_pairs(eval_spec: EvalSpec, max_seq_len: int, student_path: str, teacher_path: str, signals_dir: str) -> tuple[dict[str, float], int]:
+    """Both models' per-token figures on the held-out signals (a Ray Data actor stage), summed; and the row count."""
     import ray.data
 
-    from raydistill.data.signals import load_signals, read_signals
-    from raydistill.eval.report import comparison_chart, generation_runs, loss_curve, model_size, write_markdown
+    from raydistill.data.signals import read_signals
 
-    eval_ds = read_signals(signals_dir, split="eval")
-    scores = eval_ds.map_batches(
+    scores = read_signals(signals_dir, split="eval").map_batches(
         PairScorer,
         fn_constructor_kwargs={"student_path": student_path, "teacher_path": teacher_path, "max_seq_len": max_seq_len, "threads": eval_spec.num_cpus},
         batch_size=eval_spec.batch_size,
@@ -118,38 +145,36 @@ def run_eval_stage(
             totals[c] += float(batch[c].sum())
     if n_rows == 0:
         raise ValueError(f"no eval rows in {signals_dir}; raise data.eval_fraction or add prompts")
-    report = summarize(totals, n_rows)
-    report["student_dir"], report["teacher_dir"] = student_path, teacher_path
-    report["student"].update(model_size(student_path))
-    report["teacher"].update(model_size(teacher_path))
+    return totals, n_rows
 
-    table = load_signals(signals_dir, columns=["prompt", "split"])
-    prompts = [p for p, s in zip(table["prompt"].to_pylist(), table["split"].to_pylist()) if s == "eval"]
-    if eval_spec.measure_speed or eval_spec.side_by_side:
-        runs = generation_runs(
-            {"student": student_path, "teacher": teacher_path}, engine_args, engine_env,
-            prompts[: eval_spec.speed_prompts], min(eval_spec.side_by_side, len(prompts)), eval_spec.speed_tokens,
-        )
-        if eval_spec.measure_speed:
-            for m in ("student", "teacher"):
-                report[m].update(tokens_per_s=runs[m]["tokens_per_s"], speed_tokens=runs[m]["tokens"], speed_seconds=runs[m]["seconds"])
-            report["student_over_teacher_speedup"] = runs["student"]["tokens_per_s"] / runs["teacher"]["tokens_per_s"]
-        report["engine_dtype"] = {m: runs[m]["engine_dtype"] for m in runs}
-        report["side_by_side"] = [
-            {"prompt": p, "student": s, "teacher": t} for p, s, t in zip(prompts, runs["student"]["answers"], runs["teacher"]["answers"])
-        ]
 
-    eval_dir = Path(run_dir) / "eval"
+def generation_figures(eval_spec: EvalSpec, student_path: str, teacher_path: str, prompts: list[str], engine_args: dict,
+                       engine_env: dict[str, str]) -> dict:
+    """The report's vLLM part: both models' tokens/s on the same engine settings, side-by-side answers, engine dtypes."""
+    from raydistill.eval.report import generation_runs
+
+    runs = generation_runs(
+        {"student": student_path, "teacher": teacher_path}, engine_args, engine_env,
+        prompts[: eval_spec.speed_prompts], min(eval_spec.side_by_side, len(prompts)), eval_spec.speed_tokens,
+    )
+    out: dict = {"student": {}, "teacher": {}}
+    if eval_spec.measure_speed:
+        for m in ("student", "teacher"):
+            out[m] = dict(tokens_per_s=runs[m]["tokens_per_s"], speed_tokens=runs[m]["tokens"], speed_seconds=runs[m]["seconds"])
+        out["student_over_teacher_speedup"] = runs["student"]["tokens_per_s"] / runs["teacher"]["tokens_per_s"]
+    out["engine_dtype"] = {m: runs[m]["engine_dtype"] for m in runs}
+    out["side_by_side"] = [{"prompt": p, "student": s, "teacher": t} for p, s, t in zip(prompts, runs["student"]["answers"], runs["teacher"]["answers"])]
+    return out
+
+
+def write_report(report: dict, run_dir: Path) -> Path:
+    """RUN/eval/: report.json, report.md, the loss curve and the comparison chart; returns the directory."""
+    from raydistill.eval.report import comparison_chart, loss_curve, write_markdown
+
+    eval_dir = run_dir / "eval"
     eval_dir.mkdir(parents=True, exist_ok=True)
-    report["loss_curve"] = loss_curve(Path(run_dir) / "train" / "metrics.jsonl", eval_dir / "loss_curve.png")
+    report["loss_curve"] = loss_curve(run_dir / "train" / "metrics.jsonl", eval_dir / "loss_curve.png")
     comparison_chart(report, eval_dir / "comparison.png")
     (eval_dir / "report.json").write_text(json.dumps(report, indent=2))
     write_markdown(report, eval_dir / "report.md")
-    print(
-        f"[eval] {n_rows} held-out sequences: student NLL {report['student']['nll']:.3f}, "
-        f"teacher NLL {report['teacher']['nll']:.3f}, KL {report['kl_to_teacher']:.3f}, "
-        f"top-1 agreement {report['top1_agreement']:.1%}",
-        flush=True,
-    )
-    return {"report": str(eval_dir / "report.json"), **{k: report[k] for k in ("kl_to_teacher", "top1_agreement")},
-            **({"engine_dtype": report["engine_dtype"]} if "engine_dtype" in report else {})}
+    return eval_dir

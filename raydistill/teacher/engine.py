@@ -59,13 +59,13 @@ class DtypeResolvingEngineUDF(vLLMEngineStageUDF):
                 hint = engine_dtype.death_hint(self.engine_kwargs, self._dtype_key)
                 if not self._dead:
                     self._dead = True
-                    deaths = len(list(self._report_dir.glob("died-*.json"))) + 1
-                    self._report({"event": "died", "error": f"{type(err).__name__}: {err}", "hint": hint,
-                                  "fatal": deaths > MAX_ENGINE_DEATHS, **self._choice.as_dict()})
-                    if deaths <= MAX_ENGINE_DEATHS:
+                    fatal = len(list(self._report_dir.glob("died-*.json"))) + 1 > MAX_ENGINE_DEATHS
+                    self._report({"event": "died", "error": f"{type(err).__name__}: {err}", "hint": hint, "fatal": fatal, **self._choice.as_dict()})
+                    if not fatal:
                         raise  # the library exits this actor and Ray Data starts a fresh engine
+                else:
+                    self._report({"event": "died", "error": "a row after the engine died", "hint": hint, "fatal": True, **self._choice.as_dict()})
                 # Not fatal to the library: the row is rejected with the cause, and the stage fails after the pass.
-                self._report({"event": "died", "error": "row after the engine died", "hint": hint, "fatal": True, **self._choice.as_dict()})
                 raise RuntimeError(f"teacher engine died: {type(err).__name__}. {hint}") from err
 
         self.llm.generate_async = generate_async

@@ -145,29 +145,17 @@ def test_disabled_eval(world, done):
     assert _plan(raw, models, done, eval__enabled=False)["eval"].action == "disabled"
 
 
-def test_a_second_run_on_a_busy_directory_fails_at_once(tmp_path):
-    import subprocess
-    import sys
+def test_a_second_run_on_a_busy_directory_fails_at_once(tmp_path, run_lock_holder):
     import time
 
     run = RunDir.of(tmp_path)
-    holder = subprocess.Popen([sys.executable, "-c", f"""
-import time
-from raydistill.jobs.pipeline import run_lock
-from raydistill.jobs.rundir import RunDir
-with run_lock(RunDir.of({str(tmp_path)!r})):
-    print("held", flush=True)
-    time.sleep(60)
-"""], stdout=subprocess.PIPE, text=True, cwd=ROOT)
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        t0 = time.monotonic()
-        with pytest.raises(RunDirBusy, match=f"in use by another raydistill run \\(pid {holder.pid} "):
-            with run_lock(run):
-                pass
-        assert time.monotonic() - t0 < 5
-    finally:
-        holder.kill()
-        holder.wait()
+    holder = run_lock_holder(tmp_path)
+    t0 = time.monotonic()
+    with pytest.raises(RunDirBusy, match=f"in use by another raydistill run \\(pid {holder.pid} "):
+        with run_lock(run):
+            pass
+    assert time.monotonic() - t0 < 5
+    holder.kill()
+    holder.wait()
     with run_lock(run):  # the holder died: the OS released its lock
         assert (tmp_path / ".lock.holder").read_text().startswith(f"pid {os.getpid()} ")

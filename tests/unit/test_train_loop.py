@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from raydistill.distill.train import MetricsLog, _micro_batches, reference_batch, total_steps
+from raydistill.distill.export import reference_batch
+from raydistill.distill.train import MetricsLog, _micro_batches, total_steps
 from raydistill.spec import TrainSpec
 
 

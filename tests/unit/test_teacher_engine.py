@@ -1,0 +1,45 @@
+"""The teacher engine actor's handling of a dead engine, without Ray or an engine: bounded restarts, then rows fail with the cause."""
+
+import asyncio
+import json
+
+import pytest
+
+from raydistill.engine_dtype import DtypeChoice
+from raydistill.teacher.engine import MAX_ENGINE_DEATHS, DtypeResolvingEngineUDF, read_reports
+
+
+class DeadEngine:
+    async def generate_async(self, row):
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        raise EngineDeadError()
+
+
+def _actor(report_dir):
+    """An engine actor as the library would leave it after start-up, with an engine that has died."""
+    udf = object.__new__(DtypeResolvingEngineUDF)
+    udf._dtype_key, udf._report_dir, udf._dead = "teacher.engine_args.dtype", report_dir, False
+    udf._choice = DtypeChoice("bfloat16", "explicit", "set by teacher.engine_args.dtype", "teacher.engine_args.dtype", "node-a")
+    udf.engine_kwargs = {"dtype": "bfloat16"}
+    udf.llm = DeadEngine()
+    udf._wrap_generate()
+    return udf
+
+
+def test_engine_deaths_restart_a_bounded_number_of_times_then_rows_fail_with_the_cause(tmp_path):
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    # The first deaths re-raise the library's fatal error: it exits the actor and Ray Data starts a fresh engine.
+    for _ in range(MAX_ENGINE_DEATHS):
+        with pytest.raises(EngineDeadError):
+            asyncio.run(_actor(tmp_path).llm.generate_async({}))
+    # One more death: no more restarts; each row fails with the likely cause and the key to change.
+    last = _actor(tmp_path)
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match=r"teacher engine died: EngineDeadError\. The engine ran in bfloat16 \(teacher.engine_args.dtype\)"):
+            asyncio.run(last.llm.generate_async({}))
+    started, died = read_reports(str(tmp_path))
+    assert started == [] and len(died) == MAX_ENGINE_DEATHS + 2
+    assert sum(d["fatal"] for d in died) == 2 and all(d["node"] == "node-a" for d in died)
+    assert all("SIGILL" in json.dumps(d["hint"]) for d in died)
