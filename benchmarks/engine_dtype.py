@@ -49,15 +49,19 @@ def _child(args, dtype: str, env: dict) -> dict:
     out = Path(tempfile.mkdtemp(prefix="rd-dtype-bench-")) / "out.json"
     cmd = [sys.executable, __file__, "--model", args.model, "--prompts", str(args.prompts), "--max-tokens", str(args.max_tokens),
            "--k", str(args.k), "--child", f"{dtype}:{out}"]
-    # Its own process group, taken down afterwards: the engine's processes outlive an os._exit.
-    child = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        _, err = child.communicate(timeout=900)
-    finally:
+    # Its own process group, taken down afterwards: the engine's processes outlive an os._exit (and
+    # hold its pipes open, so stderr goes to a file).
+    err_path = out.with_name("stderr")
+    with open(err_path, "w") as err_f:
+        child = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=err_f)
         try:
-            os.killpg(child.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+            child.wait(timeout=900)
+        finally:
+            try:
+                os.killpg(child.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    err = err_path.read_text(errors="replace")
     if child.returncode == 0 and out.exists():
         return {"status": "ok", **json.loads(out.read_text())}
     from raydistill.engine_dtype import _signal_in

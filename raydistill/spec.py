@@ -457,7 +457,10 @@ _RUN_DIR_OWN_FILES = {".lock", ".lock.holder", "spec.yaml", ".spec.yaml.tmp"}
 def _run_dir_problem(value: str) -> str | None:
     """Why ``value`` must not be a run directory: the pipeline writes, clears and replaces files under it."""
     if "://" in value:
-        return None
+        # The teacher pass, Ray Train's checkpoints, the export and the report all write local files
+        # under run_dir; a URI used to end up in a local folder named after its scheme.
+        return ("is an object-store URI, which run directories do not support yet (every stage writes local files); use a "
+                "directory on storage that every node mounts at the same path (NFS, EFS, a KubeRay PVC) with runtime.shared_storage=true")
     if not value.strip():
         return "is empty; name a directory for this run's artifacts"
     path = Path(value).expanduser()

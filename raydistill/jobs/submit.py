@@ -268,7 +268,8 @@ def cluster_errors(spec: JobSpec, shipped_relative: set[str]) -> list[str]:
     if _is_local(runtime.run_dir):
         errors.append(
             f"runtime.run_dir: {runtime.run_dir!r} is a local path, but on a cluster the teacher actors and train workers "
-            f"on other nodes write signals and checkpoints there and the driver reads them back: use an s3:// or gs:// URI, {fix}"
+            f"on other nodes write signals and checkpoints there and the driver reads them back: put it on storage that every "
+            f"node mounts at this same path (NFS, EFS, a KubeRay PVC) and set runtime.shared_storage=true"
         )
     values = {"data.path": spec.data.path, "teacher.model": spec.teacher.model, "student.model": spec.student.model}
     for key, value in values.items():

@@ -80,7 +80,7 @@ def test_working_dir_paths_ship_relative_and_resolve_inside_it_on_the_cluster(tm
     project = tmp_path / "project"
     (project / "data").mkdir(parents=True)
     (project / "data" / "c.jsonl").write_text('{"prompt": "hi"}\n')
-    spec = _spec(tmp_path, {"job_working_dir": str(project), "run_dir": "s3://bucket/runs/a"}, data_path="data/c.jsonl")
+    spec = _spec(tmp_path, {"job_working_dir": str(project), "run_dir": "/mnt/shared/runs/a", "shared_storage": True}, data_path="data/c.jsonl")
     monkeypatch.chdir(tmp_path)  # not the working dir: the path is checked inside the working dir anyway
 
     sub = prepare_submission(spec, [])
@@ -95,7 +95,7 @@ def test_working_dir_paths_ship_relative_and_resolve_inside_it_on_the_cluster(tm
     monkeypatch.setenv(SPEC_ENV_VAR, sub.spec_yaml)
     spec_on_cluster = _run_spec(argparse.Namespace(spec=None, spec_from_env=SPEC_ENV_VAR, set=[]))
     assert spec_on_cluster.data.path == str(copy / "data" / "c.jsonl")
-    assert spec_on_cluster.runtime.run_dir == "s3://bucket/runs/a"
+    assert spec_on_cluster.runtime.run_dir == "/mnt/shared/runs/a"
 
 
 def test_relative_run_dir_is_resolved_where_the_user_stands(tmp_path, monkeypatch):
@@ -120,7 +120,14 @@ def test_local_run_dir_needs_shared_storage_and_says_why(tmp_path):
 
 def test_shared_storage_or_uris_satisfy_the_check(tmp_path):
     prepare_submission(_spec(tmp_path, {"shared_storage": True}), [])
-    prepare_submission(_spec(tmp_path, {"run_dir": "gs://bucket/run"}, data_path="s3://bucket/corpus.jsonl"), [])
+    prepare_submission(_spec(tmp_path, {"shared_storage": True}, data_path="s3://bucket/corpus.jsonl"), [])
+
+
+def test_object_store_run_dirs_are_refused_with_the_reason(tmp_path):
+    with pytest.raises(SpecError) as err:
+        prepare_submission(_spec(tmp_path, {"run_dir": "gs://bucket/run"}, data_path="s3://bucket/corpus.jsonl"), [])
+    line = next(line for line in err.value.errors if line.startswith("runtime.run_dir:"))
+    assert "object-store URI" in line and "runtime.shared_storage=true" in line
 
 
 def test_shared_paths_this_machine_cannot_see_are_left_to_the_cluster(tmp_path):
@@ -134,7 +141,7 @@ def test_shared_paths_this_machine_cannot_see_are_left_to_the_cluster(tmp_path):
     assert sorted(n.split(":")[0] for n in sub.notes) == ["data.path", "teacher.model"]
 
     with pytest.raises(SpecError) as err:  # without shared storage they are simply wrong
-        prepare_submission(_spec(tmp_path, {"run_dir": "s3://b/r"}, data_path="/mnt/shared/data/c.jsonl"), [])
+        prepare_submission(_spec(tmp_path, {"run_dir": "/mnt/shared/runs/b"}, data_path="/mnt/shared/data/c.jsonl"), [])
     assert any(line.startswith("data.path:") and "does not exist" in line for line in err.value.errors)
 
 
