@@ -35,6 +35,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from raydistill.fileio import write_atomic
+
 AUTO = "auto"
 # vLLM spellings of the half-precision dtypes whose CPU kernels are the risky ones.
 _HALF = {"bfloat16", "bf16", "float16", "fp16", "half"}
@@ -149,9 +151,7 @@ def bf16_verdict(command: list[str] | None = None, timeout_s: float = SELFTEST_T
         print(f"[raydistill] testing vLLM's bf16 path on {socket.gethostname()} once (cached in {path}) ...", file=sys.stderr, flush=True)
         verdict = run_selftest(command or [sys.executable, "-m", "raydistill.engine_dtype"], timeout_s)
         verdict["tested_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(verdict, indent=2))
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(verdict, indent=2))
         print(f"[raydistill] bf16 self-test: {'passed' if verdict['bf16'] else 'failed'} ({verdict['detail']})", file=sys.stderr, flush=True)
         return verdict
 

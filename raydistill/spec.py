@@ -450,8 +450,9 @@ class RuntimeSpec(_Section):
     )
 
 
-# What a run directory may hold before its manifest exists: the lock and the spec come first.
-_RUN_DIR_OWN_FILES = {".lock", ".lock.holder", "spec.yaml", ".spec.yaml.tmp"}
+# What a run directory may hold before its manifest exists: the lock and the spec come first
+# (and a temporary file of ``write_atomic``, ".<name>.<pid>.tmp", if a run died mid-write).
+_RUN_DIR_OWN_FILES = {".lock", ".lock.holder", "spec.yaml"}
 
 
 def _run_dir_problem(value: str) -> str | None:
@@ -467,7 +468,7 @@ def _run_dir_problem(value: str) -> str | None:
     if path.resolve() == Path(path.anchor or "/") or path.resolve() == Path.home().resolve():
         return f"is {'the root directory' if path.resolve() == Path(path.anchor or '/') else 'your home directory'}; name a directory of its own for this run"
     if path.is_dir() and not (path / "manifest.json").exists():
-        others = [p.name for p in path.iterdir() if p.name not in _RUN_DIR_OWN_FILES]
+        others = [p.name for p in path.iterdir() if p.name not in _RUN_DIR_OWN_FILES and not (p.name.startswith(".") and p.name.endswith(".tmp"))]
         if others:
             return (f"is a non-empty directory that is not a raydistill run (no manifest.json; holds e.g. {sorted(others)[:3]}); "
                     "a run clears and replaces files under its run_dir, so name a new or empty directory")

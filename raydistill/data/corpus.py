@@ -256,6 +256,41 @@ class RequestBuilder:
         return out
 
 
+def _record_ids(batch: pa.Table, id_field: str) -> pa.Table:
+    """``{id, source}`` of the records that carry their own id; others get one from their location, unique by construction."""
+    ids, sources = [], []
+    for raw, source, oversize in zip(batch["raw"].to_pylist(), batch["source"].to_pylist(), batch["oversize"].to_pylist()):
+        if oversize:
+            continue
+        try:
+            row = json.loads(raw)
+        except Exception:  # noqa: BLE001 - a bad record is rejected later, with its reason
+            continue
+        if isinstance(row, dict) and row.get(id_field) is not None:
+            ids.append(str(row[id_field]))
+            sources.append(source)
+    return pa.table({"id": pa.array(ids, pa.string()), "source": pa.array(sources, pa.string())})
+
+
+def _repeated(group: pa.Table) -> pa.Table:
+    if group.num_rows < 2:
+        return pa.table({"id": pa.array([], pa.string()), "sources": pa.array([], pa.list_(pa.string()))})
+    return pa.table({"id": [group["id"][0].as_py()], "sources": [sorted(group["source"].to_pylist())]})
+
+
+def duplicate_ids(data: DataSpec, shown: int = 10) -> list[tuple[str, list[str]]]:
+    """Ids that several corpus records carry, each with where it occurs (``file:line``), up to ``shown`` of them.
+
+    A pass over the records that parses only their ids (no tokenizing), so it runs before any
+    engine starts. Text corpora have no id field: their ids are their locations.
+    """
+    if data.format in ("text", "text_files"):
+        return []
+    ids = read_records(data).map_batches(_record_ids, fn_args=(data.id_field,), batch_format="pyarrow")
+    repeated = ids.groupby("id").map_groups(_repeated, batch_format="pyarrow")
+    return [(r["id"], list(r["sources"])) for r in repeated.take(shown)]
+
+
 def prepare_requests(data: DataSpec, teacher_pass: TeacherPassSpec, tokenizer_path: str, max_prompt_tokens: int):
     """Lazy Dataset of teacher requests (``REQUEST_COLUMNS``), bad rows marked in ``reject``."""
     import ray.data

@@ -71,7 +71,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -185,10 +184,10 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def write_signal_meta(signals_dir: str | Path, meta: dict) -> None:
     """Write ``_signals.json`` atomically (a reader never sees half a file)."""
+    from raydistill.fileio import write_atomic
+
     Path(signals_dir).mkdir(parents=True, exist_ok=True)
-    tmp = Path(signals_dir) / f".{META_FILE}.tmp"
-    tmp.write_text(json.dumps({**meta, "schema_version": SCHEMA_VERSION}, indent=2))
-    os.replace(tmp, Path(signals_dir) / META_FILE)
+    write_atomic(Path(signals_dir) / META_FILE, json.dumps({**meta, "schema_version": SCHEMA_VERSION}, indent=2))
 
 
 def update_signal_meta(signals_dir: str | Path, **fields) -> None:

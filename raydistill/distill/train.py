@@ -24,6 +24,7 @@ from pathlib import Path
 from raydistill.distill.dsconfig import deepspeed_config, uses_client_optimizer
 from raydistill.distill.export import EXPORT_DIR, EXPORT_METRICS_FILE, REFERENCE_LOGITS_FILE, export_hf, export_student, reference_logits
 from raydistill.spec import DistillSpec, StudentSpec, TrainSpec
+from raydistill.fileio import write_atomic
 
 DS_TAG = "ds"
 
@@ -382,7 +383,7 @@ def train_loop_per_worker(config: dict) -> None:
         # Which process is which rank, for py-spy, kill tests and post-mortems.
         workers = Path(inputs.log_dir) / "workers"
         workers.mkdir(parents=True, exist_ok=True)
-        (workers / f"rank{rank}.json").write_text(json.dumps({"pid": os.getpid(), "node_ip": ray.util.get_node_ip_address(), "start_step": start}))
+        write_atomic(workers / f"rank{rank}.json", json.dumps({"pid": os.getpid(), "node_ip": ray.util.get_node_ip_address(), "start_step": start}))
     if start:
         log.event({"event": "resumed_from", "step": start})
         if rank == 0:
@@ -453,7 +454,7 @@ def run_train_stage(
     train_dir = Path(run_dir) / "train"
     train_dir.mkdir(parents=True, exist_ok=True)
     ds_config = deepspeed_config(train, steps)
-    (train_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=2))
+    write_atomic(train_dir / "deepspeed.json", json.dumps(ds_config, indent=2))
     print(f"[train] {n_rows} training sequences, {train.workers} workers, ZeRO-{train.zero_stage}, {steps} steps", flush=True)
 
     inputs = TrainInputs(

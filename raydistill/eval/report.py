@@ -12,6 +12,8 @@ import struct
 import time
 from pathlib import Path
 
+from raydistill.fileio import write_atomic
+
 
 def model_size(model_dir: str) -> dict:
     """Parameter count (read from the safetensors headers, no weights loaded) and bytes on disk."""
@@ -149,4 +151,4 @@ def write_markdown(report: dict, path: Path) -> None:
         lines += ["## Side by side (greedy)", ""]
         for item in report["side_by_side"]:
             lines += [f"**Prompt:** {item['prompt']}", "", f"- *student:* {item['student']!r}", f"- *teacher:* {item['teacher']!r}", ""]
-    path.write_text("\n".join(lines) + "\n")
+    write_atomic(path, "\n".join(lines) + "\n")

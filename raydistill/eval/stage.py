@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from raydistill.spec import EvalSpec
+from raydistill.fileio import write_atomic
 
 SCORE_COLUMNS = ("tokens", "student_nll", "teacher_nll", "kl", "top1_agree")
 
@@ -175,6 +176,6 @@ def write_report(report: dict, run_dir: Path) -> Path:
     eval_dir.mkdir(parents=True, exist_ok=True)
     report["loss_curve"] = loss_curve(run_dir / "train" / "metrics.jsonl", eval_dir / "loss_curve.png")
     comparison_chart(report, eval_dir / "comparison.png")
-    (eval_dir / "report.json").write_text(json.dumps(report, indent=2))
+    write_atomic(eval_dir / "report.json", json.dumps(report, indent=2))
     write_markdown(report, eval_dir / "report.md")
     return eval_dir

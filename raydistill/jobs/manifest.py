@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
+
+from raydistill.fileio import write_atomic
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -22,9 +23,7 @@ class Manifest:
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.data, indent=2, default=str))
-        os.replace(tmp, self.path)
+        write_atomic(self.path, json.dumps(self.data, indent=2, default=str))
 
     def entry(self, stage: str) -> dict:
         return self.data["stages"].get(stage, {})

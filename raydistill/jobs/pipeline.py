@@ -20,6 +20,7 @@ from raydistill.jobs.manifest import Manifest
 from raydistill.jobs.rundir import RunDir
 from raydistill.jobs.stages import STAGES, Stage, StageContext
 from raydistill.spec import JobSpec, dump_spec
+from raydistill.fileio import write_atomic
 
 
 def init_ray(runtime) -> None:
@@ -202,9 +203,3 @@ def run_lock(run: RunDir):
         holder.unlink(missing_ok=True)
         lock.release()
 
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write a whole file or nothing: a crash never leaves half a file behind."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

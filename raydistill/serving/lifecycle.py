@@ -22,6 +22,8 @@ import time
 import uuid
 from pathlib import Path
 
+from raydistill.fileio import write_atomic
+
 MARKER_VAR = "RAYDISTILL_SERVE_HEAD"
 
 
@@ -41,7 +43,7 @@ def read_state(app_name: str) -> dict | None:
 def write_state(app_name: str, state: dict) -> None:
     path = state_path(app_name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(state, indent=2))
+    write_atomic(path, json.dumps(state, indent=2))
 
 
 def clear_state(app_name: str) -> None:

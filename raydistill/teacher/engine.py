@@ -19,6 +19,7 @@ from ray.llm._internal.batch.stages.vllm_engine_stage import vLLMEngineStageUDF
 from ray.llm._internal.common.errors import VLLM_FATAL_ERRORS
 
 from raydistill import engine_dtype
+from raydistill.fileio import write_atomic
 
 # Engine deaths tolerated across the pool before rows fail with the cause instead: ray.data.llm
 # restarts a dead engine's actor forever, so an engine that dies on every start hangs a pass.
@@ -46,7 +47,7 @@ class DtypeResolvingEngineUDF(vLLMEngineStageUDF):
     def _report(self, record: dict) -> Path:
         self._report_dir.mkdir(parents=True, exist_ok=True)
         path = self._report_dir / f"{record['event']}-{uuid.uuid4().hex}.json"
-        path.write_text(json.dumps(record))
+        write_atomic(path, json.dumps(record))
         return path
 
     def _wrap_generate(self) -> None:

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from raydistill.data.signals import LOGPROB_SCALE, META_FILE, PARQUET_COMPRESSION, PARQUET_WRITE_ARGS, SIGNAL_COLUMNS, SIGNAL_SCHEMA, encode_signals
 from raydistill.spec import DataSpec, TeacherPassSpec, TeacherSpec
+from raydistill.fileio import write_atomic
 
 REJECTED_FILE = "_rejected.jsonl"
 DTYPE_KEY = "teacher.engine_args.dtype"
@@ -219,7 +220,7 @@ def _drop_bad_rows(batch: pa.Table, parts_dir: str) -> pa.Table:
 def _write_rejects(parts_dir: str, rows: list[dict]) -> None:
     Path(parts_dir).mkdir(parents=True, exist_ok=True)
     path = Path(parts_dir) / f"{uuid.uuid4().hex}.jsonl"
-    path.write_text("".join(json.dumps({"source": r["source"], "id": r["id"] or None, "reason": r["reject"], **({"raw": r["raw"]} if r.get("raw") else {})}) + "\n" for r in rows))
+    write_atomic(path, "".join(json.dumps({"source": r["source"], "id": r["id"] or None, "reason": r["reject"], **({"raw": r["raw"]} if r.get("raw") else {})}) + "\n" for r in rows))
 
 
 def completed_ids(signals_dir: str) -> set[str]:
@@ -284,11 +285,15 @@ def max_prompt_tokens(data: DataSpec, teacher: TeacherSpec, teacher_pass: Teache
 
 def run_teacher_stage(data: DataSpec, teacher: TeacherSpec, teacher_pass: TeacherPassSpec, teacher_path: str, signals_dir: str) -> dict:
     """Write ``signals_dir`` (shards, metadata, rejected rows) for the corpus; return the stage outputs."""
-    import ray.data
     from transformers import AutoTokenizer
 
-    from raydistill.data.corpus import prepare_requests
+    from raydistill.data.corpus import duplicate_ids, prepare_requests
     from raydistill.data.signals import tokenizer_fingerprint
+
+    repeated = duplicate_ids(data, _FIRST_BAD_ROWS_SHOWN)
+    if repeated:
+        lines = "\n".join(f"  {i!r} at {', '.join(where)}" for i, where in repeated)
+        raise BadRowsError(f"corpus ids must be unique (data.id_field {data.id_field!r}); repeated (first {len(repeated)}):\n{lines}")
 
     meta = _meta(teacher, teacher_pass, teacher_path, tokenizer_fingerprint(AutoTokenizer.from_pretrained(teacher_path)))
     done = _prepare_signals_dir(signals_dir, meta)
@@ -361,7 +366,7 @@ def _merge_rejects(signals_dir: str) -> int:
     lines.sort(key=lambda l: json.loads(l)["source"])
     target = Path(signals_dir) / REJECTED_FILE
     if lines:
-        target.write_text("\n".join(lines) + "\n")
+        write_atomic(target, "\n".join(lines) + "\n")
     elif target.exists():
         target.unlink()
     shutil.rmtree(Path(signals_dir) / _REJECTED_PARTS, ignore_errors=True)

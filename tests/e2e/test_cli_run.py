@@ -73,27 +73,34 @@ def _with_run_dir(args: list[str], run_dir: Path) -> list[str]:
     return [a if not a.startswith("runtime.run_dir=") else f"runtime.run_dir={run_dir}" for a in args]
 
 
-def test_changed_learning_rate_reruns_train_not_the_teacher(run_copy, run_cli):
+def test_changed_learning_rate_reruns_train_and_eval_not_the_teacher(run_copy, run_cli):
     args, run_dir = run_copy
     signals_before = _mtimes(run_dir / "signals")
-    proc = run_cli([*_with_run_dir(args, run_dir), "--set", "train.lr=0.0005", "--stages", "teacher,train"], timeout=900)
+    proc = run_cli([*_with_run_dir(args, run_dir), "--set", "train.lr=0.0005"], timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "==> [teacher] starting" not in proc.stdout and "==> [train] starting" in proc.stdout
+    assert "==> [teacher] starting" not in proc.stdout
+    for stage in ("train", "eval", "serve-check"):
+        assert f"==> [{stage}] starting" in proc.stdout and f"==> [{stage}] succeeded" in proc.stdout
     assert f"clearing {run_dir / 'checkpoints'}" in proc.stdout  # the old student's checkpoints are never resumed from
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["stages"]["train"]["spec"]["train.lr"] == 0.0005 and manifest["stages"]["train"]["runs"] == 2
-    assert manifest["stages"]["eval"]["status"] == manifest["stages"]["serve-check"]["status"] == "stale"
+    assert manifest["stages"]["eval"]["runs"] == 2 and manifest["stages"]["teacher"]["runs"] == 1
     assert _mtimes(run_dir / "signals") == signals_before
 
 
-def test_changed_corpus_keeps_only_the_new_ids(run_copy, run_cli, tmp_path):
+def test_changed_corpus_and_top_k_rerun_the_teacher_with_only_the_new_ids(run_copy, run_cli, tmp_path):
     args, run_dir = run_copy
     corpus = tmp_path / "other.jsonl"
     corpus.write_text("".join(json.dumps({"id": f"new{i}", "prompt": p}) + "\n" for i, p in enumerate(["hi", "A calm lake.", "Old roads."])))
-    proc = run_cli([*_with_run_dir(args, run_dir), "--set", f"data.path={corpus}", "--stages", "teacher"], timeout=900)
+    proc = run_cli([*_with_run_dir(args, run_dir), "--set", f"data.path={corpus}", "--set", "teacher_pass.top_k=4", "--stages", "teacher"],
+                   timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "inputs changed: corpus, data.path" in proc.stdout
-    assert sorted(load_signals(run_dir / "signals", columns=["id"])["id"].to_pylist()) == ["new0", "new1", "new2"]
+    assert "inputs changed: corpus, data.path, teacher_pass.top_k" in proc.stdout and "==> [teacher] succeeded" in proc.stdout
+    signals = load_signals(run_dir / "signals", columns=["id", "topk_ids"])
+    assert sorted(signals["id"].to_pylist()) == ["new0", "new1", "new2"]
+    assert {len(ids) for row in signals["topk_ids"].to_pylist() for ids in row} == {4}
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert {s: manifest["stages"][s]["status"] for s in ("train", "eval", "serve-check")} == dict.fromkeys(("train", "eval", "serve-check"), "stale")
 
 
 def test_a_second_run_on_the_same_directory_fails_at_once(run_copy, run_cli, run_lock_holder):

@@ -216,3 +216,15 @@ def test_killed_teacher_pass_resumes_without_loss(tiny_spec, tmp_path, free_port
     assert len(ids) == len(set(ids)) == 96
     assert sorted(ids) == [f"p{i:03d}" for i in range(96)]
     assert read_signal_meta(signals)["topk_id_order"] == id_order
+
+
+def test_repeated_ids_are_named_before_any_engine_starts(ray_local, tiny_spec, model_paths, tmp_path):
+    from raydistill.teacher.stage import BadRowsError, run_teacher_stage
+
+    corpus = tmp_path / "dupes.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in [{"id": "a", "prompt": "one"}, {"id": "b", "prompt": "two"}, {"id": "a", "prompt": "three"}]))
+    data, tp = _spec_with(tiny_spec, tmp_path, corpus)
+    with pytest.raises(BadRowsError) as err:
+        run_teacher_stage(data, tiny_spec.teacher, tp, model_paths[0], str(tmp_path / "signals"))
+    assert f"'a' at {corpus}:1, {corpus}:3" in str(err.value) and "'b'" not in str(err.value)
+    assert not list((tmp_path / "signals").glob("*.parquet"))
