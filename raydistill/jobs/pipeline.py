@@ -132,16 +132,18 @@ def run_pipeline(spec: JobSpec, stages: list[str] | None = None, force: tuple[st
     ``stages`` limits the run to those stages; others whose inputs changed are marked stale.
     """
     run = RunDir.of(spec.runtime.run_dir)
-    manifest_data = Manifest(run.root).data if run.manifest.exists() else {"stages": {}}
     ctx = _context(spec, run)
-    steps = plan(spec, manifest_data, ctx, stages, force)
-    print_plan(steps, run)
     if dry_run:
+        steps = plan(spec, Manifest(run.root).data if run.manifest.exists() else {"stages": {}}, ctx, stages, force)
+        print_plan(steps, run)
         return {"plan": [{"stage": s.stage.name, "action": s.action, "reason": s.reason} for s in steps]}
 
     run.root.mkdir(parents=True, exist_ok=True)
+    # The lock first, then the plan: it must be made from the manifest as no other run can change it.
     with run_lock(run):
         manifest = Manifest(run.root)
+        steps = plan(spec, manifest.data, ctx, stages, force)
+        print_plan(steps, run)
         write_atomic(run.spec, dump_spec(spec))
         models = {"teacher": ctx.teacher_path, "student_init": ctx.student_path or f"{spec.student.init} of the teacher"}
         builtin_note = Path(ctx.teacher_path) / "raydistill_builtin.json"
