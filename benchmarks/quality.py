@@ -91,6 +91,7 @@ def main() -> int:
     from raydistill.distill.train import run_train_stage
     from raydistill.eval.stage import run_eval_stage
     from raydistill.jobs.pipeline import init_ray
+    from raydistill.jobs.rundir import RunDir
     from raydistill.models import resolve_model
     from raydistill.spec import load_spec
 
@@ -119,20 +120,20 @@ def main() -> int:
         run_dir = out / name.replace("+", "_")
         t0 = time.perf_counter()
         if distill_overrides is None:
-            student_dir = prepare_student(spec.student, teacher, None, str(run_dir))
+            student_dir = prepare_student(spec.student, teacher, None, RunDir(run_dir))
         else:
             for stale in ("checkpoints", "student", "train"):  # a fresh run, never a resume of an old one
                 shutil.rmtree(run_dir / stale, ignore_errors=True)
             distill = spec.distill.model_copy(update=distill_overrides)
             print(f"==> [{name}] training: {distill_overrides}", flush=True)
-            student_dir = run_train_stage(spec.train, distill, None, signals, str(run_dir), student=spec.student, teacher_path=teacher)["student_dir"]
+            student_dir = run_train_stage(spec.train, distill, None, signals, RunDir(run_dir), student=spec.student, teacher_path=teacher)["student_dir"]
         train_s = time.perf_counter() - t0
-        run_eval_stage(spec.eval, spec.train.max_seq_len, student_dir, teacher, signals, str(run_dir), spec.teacher.engine_args, spec.teacher.cpu_engine_env())
+        run_eval_stage(spec.eval, spec.train.max_seq_len, student_dir, teacher, signals, RunDir(run_dir), spec.teacher.engine_args, spec.teacher.cpu_engine_env())
         rows[name] = {**(distill_overrides or {}), **_scores(run_dir / "eval" / "report.json"), "train_seconds": round(train_s, 1)}
         print(f"==> [{name}] {rows[name]}", flush=True)
 
     # The ceiling: the teacher (transformers) scored against its own stored signals (vLLM).
-    run_eval_stage(spec.eval, spec.train.max_seq_len, teacher, teacher, signals, str(out / "teacher"), spec.teacher.engine_args, spec.teacher.cpu_engine_env())
+    run_eval_stage(spec.eval, spec.train.max_seq_len, teacher, teacher, signals, RunDir(out / "teacher"), spec.teacher.engine_args, spec.teacher.cpu_engine_env())
     rows["teacher"] = _scores(out / "teacher" / "eval" / "report.json")
 
     import ray

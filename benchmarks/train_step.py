@@ -145,6 +145,7 @@ def worker_scaling(args) -> dict:
     import ray
 
     from raydistill.distill.train import run_train_stage
+    from raydistill.jobs.rundir import RunDir
     from raydistill.spec import DistillSpec, TrainSpec
 
     results = {}
@@ -158,7 +159,7 @@ def worker_scaling(args) -> dict:
                 train = TrainSpec(workers=workers, zero_stage=2, micro_batch_size=args.batch, max_steps=args.scaling_steps,
                                   checkpoint_every=args.scaling_steps, max_seq_len=args.seq, loss_chunk_tokens=args.chunk_tokens)
                 run_dir = root / f"run{workers}"
-                run_train_stage(train, DistillSpec(ce_weight=0.1), student, signals, str(run_dir))
+                run_train_stage(train, DistillSpec(ce_weight=0.1), student, signals, RunDir(run_dir))
                 steps = [json.loads(l) for l in (run_dir / "train" / "metrics.jsonl").read_text().splitlines()]
                 results[workers] = statistics.median(m["tokens_per_s"] for m in steps[2:])
         finally:

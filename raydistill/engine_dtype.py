@@ -38,8 +38,8 @@ from typing import Callable
 from raydistill.fileio import write_atomic
 
 AUTO = "auto"
-# vLLM spellings of the half-precision dtypes whose CPU kernels are the risky ones.
-_HALF = {"bfloat16", "bf16", "float16", "fp16", "half"}
+# vLLM's spellings of the half-precision dtypes whose CPU kernels are the risky ones (validate refuses others).
+_HALF = {"bfloat16", "float16", "half"}
 SELFTEST_TIMEOUT_S = 600.0
 _OK_MARKER = "raydistill-bf16-selftest-ok"
 

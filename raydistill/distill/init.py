@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from raydistill.spec import StudentSpec
+from raydistill.jobs.rundir import RunDir
 
 PRUNE_INFO_FILE = "raydistill_prune.json"
 # Decoder layers live under `model.layers.<i>.` in Llama, Gemma 3, Qwen, Mistral and friends.
@@ -111,8 +112,8 @@ def prune_from_teacher(teacher_path: str, out_dir: str, layers: list[int] | None
     return info
 
 
-def prepare_student(student: StudentSpec, teacher_path: str, student_model_path: str | None, run_dir: str) -> str:
-    """The directory training starts from: ``student_model_path``, or a pruned teacher in ``RUN/student_init``.
+def prepare_student(student: StudentSpec, teacher_path: str, student_model_path: str | None, run: RunDir) -> str:
+    """The directory training starts from: ``student_model_path``, or a pruned teacher in ``run.student_init``.
 
     Pruning is skipped when ``RUN/student_init`` already holds the same pruning of the same teacher,
     so a resumed run starts from identical weights.
@@ -121,7 +122,7 @@ def prepare_student(student: StudentSpec, teacher_path: str, student_model_path:
         if student_model_path is None:
             raise ValueError("student.model: required when student.init is 'pretrained'")
         return student_model_path
-    out = Path(run_dir) / "student_init"
+    out = run.student_init
     info_file = out / PRUNE_INFO_FILE
     if info_file.exists():
         info = json.loads(info_file.read_text())

@@ -25,6 +25,7 @@ from raydistill.distill.dsconfig import deepspeed_config, uses_client_optimizer
 from raydistill.distill.export import EXPORT_DIR, EXPORT_METRICS_FILE, REFERENCE_LOGITS_FILE, export_hf, export_student, reference_logits
 from raydistill.spec import DistillSpec, StudentSpec, TrainSpec
 from raydistill.fileio import write_atomic
+from raydistill.jobs.rundir import RunDir
 
 DS_TAG = "ds"
 
@@ -421,13 +422,15 @@ def run_train_stage(
     train: TrainSpec,
     distill: DistillSpec,
     student_path: str | None,
-    signals_dir: str,
-    run_dir: str,
+    signals_dir: str | Path,
+    run: RunDir,
     *,
     student: StudentSpec | None = None,
     teacher_path: str | None = None,
 ) -> dict:
-    """Train the student on ``split == train`` signals; export it to ``RUN/student``. Returns the stage outputs.
+    """Train the student on ``split == train`` signals; export it to ``run.student``. Returns the stage outputs.
+
+    Everything it writes goes under ``run``: ``student_init``, ``train`` (logs), ``checkpoints``, ``student``.
 
     ``student`` (with ``teacher_path``) selects the initialization; without it ``student_path``
     is used as a pretrained start.
@@ -440,7 +443,7 @@ def run_train_stage(
     if student is not None and student.init == "prune_from_teacher":
         if teacher_path is None:
             raise ValueError("student.init 'prune_from_teacher' needs the teacher's path")
-        student_path = prepare_student(student, teacher_path, student_path, run_dir)
+        student_path = prepare_student(student, teacher_path, student_path, run)
     if student_path is None:
         raise ValueError("student.model: required when student.init is 'pretrained'")
     check_tokenizer_matches(signals_dir, AutoTokenizer.from_pretrained(student_path))
@@ -451,7 +454,7 @@ def run_train_stage(
     if n_rows < train.workers:
         raise ValueError(f"only {n_rows} training rows in {signals_dir}; train.workers={train.workers} needs at least one each")
     steps = total_steps(train, n_rows)
-    train_dir = Path(run_dir) / "train"
+    train_dir = run.train
     train_dir.mkdir(parents=True, exist_ok=True)
     ds_config = deepspeed_config(train, steps)
     write_atomic(train_dir / "deepspeed.json", json.dumps(ds_config, indent=2))
@@ -464,10 +467,10 @@ def run_train_stage(
         total_steps=steps,
         ds_config=ds_config,
         freeze_embeddings=bool(student and student.freeze_embeddings),
-        log_dir=None if "://" in run_dir else str(train_dir),
+        log_dir=str(train_dir),
     )
-    result = build_trainer(inputs, train_ds, run_dir).fit()
-    student_dir, export_diff = export_student(result.checkpoint, Path(run_dir) / "student", train_dir)
+    result = build_trainer(inputs, train_ds, run).fit()
+    student_dir, export_diff = export_student(result.checkpoint, run.student, train_dir)
     print(f"[train] exported {student_dir}; max |logit diff| vs the in-training model: {export_diff:.2e}", flush=True)
     return {
         "student_dir": str(student_dir),
@@ -481,7 +484,7 @@ def run_train_stage(
     }
 
 
-def build_trainer(inputs: TrainInputs, train_ds, run_dir: str):
+def build_trainer(inputs: TrainInputs, train_ds, run: RunDir):
     """Ray Train's TorchTrainer over ``train_loop_per_worker``, with checkpoints and restarts under RUN/checkpoints."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -497,7 +500,7 @@ def build_trainer(inputs: TrainInputs, train_ds, run_dir: str):
         # and get_checkpoint() returns the interrupted run's latest checkpoint.
         run_config=RunConfig(
             name="train",
-            storage_path=str(Path(run_dir) / "checkpoints"),
+            storage_path=str(run.checkpoints),
             failure_config=FailureConfig(max_failures=train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=train.checkpoints_to_keep),
         ),

@@ -15,6 +15,7 @@ import numpy as np
 
 from raydistill.spec import EvalSpec
 from raydistill.fileio import write_atomic
+from raydistill.jobs.rundir import RunDir
 
 SCORE_COLUMNS = ("tokens", "student_nll", "teacher_nll", "kl", "top1_agree")
 
@@ -87,12 +88,12 @@ def run_eval_stage(
     max_seq_len: int,
     student_path: str,
     teacher_path: str,
-    signals_dir: str,
-    run_dir: str,
+    signals_dir: str | Path,
+    run: RunDir,
     engine_args: dict,
     engine_env: dict[str, str],
 ) -> dict:
-    """Score, measure and report; writes RUN/eval/report.json, report.md and PNG plots.
+    """Score, measure and report; writes ``run.eval``: report.json, report.md and PNG plots.
 
     ``engine_args`` and ``engine_env`` are the vLLM settings and environment both models generate
     with (the teacher's: ``TeacherSpec.engine_args`` and ``cpu_engine_env()``).
@@ -113,7 +114,7 @@ def run_eval_stage(
         for m in ("student", "teacher"):
             report[m].update(figures.pop(m))
         report.update(figures)
-    eval_dir = write_report(report, Path(run_dir))
+    eval_dir = write_report(report, run)
     print(
         f"[eval] {n_rows} held-out sequences: student NLL {report['student']['nll']:.3f}, "
         f"teacher NLL {report['teacher']['nll']:.3f}, KL {report['kl_to_teacher']:.3f}, "
@@ -168,13 +169,13 @@ def generation_figures(eval_spec: EvalSpec, student_path: str, teacher_path: str
     return out
 
 
-def write_report(report: dict, run_dir: Path) -> Path:
-    """RUN/eval/: report.json, report.md, the loss curve and the comparison chart; returns the directory."""
+def write_report(report: dict, run: RunDir) -> Path:
+    """``run.eval``: report.json, report.md, the loss curve (from ``run.train``) and the comparison chart; returns it."""
     from raydistill.eval.report import comparison_chart, loss_curve, write_markdown
 
-    eval_dir = run_dir / "eval"
+    eval_dir = run.eval
     eval_dir.mkdir(parents=True, exist_ok=True)
-    report["loss_curve"] = loss_curve(run_dir / "train" / "metrics.jsonl", eval_dir / "loss_curve.png")
+    report["loss_curve"] = loss_curve(run.train / "metrics.jsonl", eval_dir / "loss_curve.png")
     comparison_chart(report, eval_dir / "comparison.png")
     write_atomic(eval_dir / "report.json", json.dumps(report, indent=2))
     write_markdown(report, eval_dir / "report.md")

@@ -52,14 +52,14 @@ def _train(ctx: StageContext) -> dict:
     from raydistill.distill.train import run_train_stage
 
     s = ctx.spec
-    return run_train_stage(s.train, s.distill, ctx.student_path, str(ctx.run.signals), str(ctx.run.root), student=s.student, teacher_path=ctx.teacher_path)
+    return run_train_stage(s.train, s.distill, ctx.student_path, ctx.run.signals, ctx.run, student=s.student, teacher_path=ctx.teacher_path)
 
 
 def _eval(ctx: StageContext) -> dict:
     from raydistill.eval.stage import run_eval_stage
 
     s = ctx.spec
-    return run_eval_stage(s.eval, s.train.max_seq_len, str(ctx.run.student), ctx.teacher_path, str(ctx.run.signals), str(ctx.run.root),
+    return run_eval_stage(s.eval, s.train.max_seq_len, str(ctx.run.student), ctx.teacher_path, ctx.run.signals, ctx.run,
                           s.teacher.engine_args, s.teacher.cpu_engine_env())
 
 

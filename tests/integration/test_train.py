@@ -19,6 +19,7 @@ import torch
 
 from raydistill.data.signals import LOGPROB_SCALE, SIGNAL_SCHEMA, encode_signals, tokenizer_fingerprint, write_signal_meta
 from raydistill.spec import DistillSpec, StudentSpec, TrainSpec
+from raydistill.jobs.rundir import RunDir
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -86,7 +87,7 @@ def test_zero_stage_trains_and_exports_exactly(stage, options, ray_local, model_
 
     train = TrainSpec(workers=2, zero_stage=stage, micro_batch_size=4, lr=3e-3, warmup_steps=2, max_steps=4,
                       checkpoint_every=2, max_seq_len=64, loss_chunk_tokens=16, **options)
-    out = run_train_stage(train, DistillSpec(ce_weight=0.1), model_paths[1], signals_dir, str(tmp_path))
+    out = run_train_stage(train, DistillSpec(ce_weight=0.1), model_paths[1], signals_dir, RunDir(tmp_path))
     model = _check_export(out, tmp_path)
     from transformers import AutoModelForCausalLM
 
@@ -197,7 +198,7 @@ def test_pruned_student_frozen_embeddings(ray_local, model_paths, signals_dir, t
 
     student = StudentSpec(init="prune_from_teacher", layers=[1], freeze_embeddings=True)
     train = TrainSpec(workers=1, zero_stage=2, micro_batch_size=4, max_steps=2, max_seq_len=64)
-    out = run_train_stage(train, DistillSpec(), None, signals_dir, str(tmp_path), student=student, teacher_path=model_paths[0])
+    out = run_train_stage(train, DistillSpec(), None, signals_dir, RunDir(tmp_path), student=student, teacher_path=model_paths[0])
     assert out["student_init"] == str(tmp_path / "student_init")
     model = _check_export(out, tmp_path)
     assert model.config.num_hidden_layers == 1
@@ -248,7 +249,7 @@ def test_worker_kill_recovers_from_checkpoint(ray_local, model_paths, signals_di
     killed: dict = {}
     killer = threading.Thread(target=_kill_one_worker_after, args=(tmp_path, 7, killed), daemon=True)
     killer.start()
-    out = run_train_stage(train, DistillSpec(ce_weight=0.1), model_paths[1], signals_dir, str(tmp_path))
+    out = run_train_stage(train, DistillSpec(ce_weight=0.1), model_paths[1], signals_dir, RunDir(tmp_path))
     killer.join(timeout=1)
     assert killed.get("pid"), "the worker was never killed"
     assert killed["at_step"] < total, "the run finished before the kill landed"

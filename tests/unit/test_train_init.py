@@ -8,6 +8,7 @@ import torch
 from raydistill.distill.init import PRUNE_INFO_FILE, kept_layers, prepare_student, prune_from_teacher
 from raydistill.models import build_tiny_tokenizer
 from raydistill.spec import StudentSpec
+from raydistill.jobs.rundir import RunDir
 
 
 def _save_teacher(path, config, model_cls):
@@ -80,13 +81,13 @@ def test_pruned_gemma3_cuts_layer_types(tmp_path):
 def test_prepare_student_reuses_an_identical_pruning(llama_teacher, tmp_path):
     path, _ = llama_teacher
     spec = StudentSpec(init="prune_from_teacher", every_nth=2)
-    out = prepare_student(spec, str(path), None, str(tmp_path))
+    out = prepare_student(spec, str(path), None, RunDir(tmp_path))
     assert out == str(tmp_path / "student_init")
     stamp = (tmp_path / "student_init" / "model.safetensors").stat().st_mtime_ns
-    assert prepare_student(spec, str(path), None, str(tmp_path)) == out
+    assert prepare_student(spec, str(path), None, RunDir(tmp_path)) == out
     assert (tmp_path / "student_init" / "model.safetensors").stat().st_mtime_ns == stamp
     assert json.loads((tmp_path / "student_init" / PRUNE_INFO_FILE).read_text())["kept_layers"] == [0, 2, 4, 5]
-    assert prepare_student(StudentSpec(model=str(path)), str(path), str(path), str(tmp_path)) == str(path)
+    assert prepare_student(StudentSpec(model=str(path)), str(path), str(path), RunDir(tmp_path)) == str(path)
 
 
 def test_student_spec_errors():
