@@ -258,16 +258,61 @@ class TeacherPassSpec(_Section):
     )
 
 
+class OnPolicySpec(_Section):
+    lmbda: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="Fraction of micro-batches built from fresh student rollouts scored by the teacher; the rest come from the stored offline signals (GKD's lambda).",
+    )
+    max_tokens: int = Field(64, ge=1, description="Most tokens the student samples per rollout.")
+    temperature: float = Field(1.0, gt=0.0, description="Sampling temperature of the rollouts (1.0 samples the student's own distribution).")
+    sync_every: int = Field(
+        1,
+        ge=1,
+        description="Optimizer steps between weight syncs to the rollout engine: rollouts are at most this many steps behind the trained student.",
+    )
+    prompts: Literal["train", "eval", "all"] = Field(
+        "train",
+        description="Which split's prompts the student samples from. 'eval' or 'all' trains on held-out prompts and makes the eval optimistic.",
+    )
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="vLLM engine arguments of the student's rollout engine (as teacher.engine_args; dtype unset chooses per node).",
+    )
+    seed: int = Field(0, description="Seed of the rollouts and of the choice of which micro-batches are on-policy.")
+
+    @field_validator("engine_args")
+    @classmethod
+    def _known_engine_args(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return _checked_engine_args(v)
+
+
 class DistillSpec(_Section):
-    loss: Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"] = Field(
+    loss: Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "sampled_reverse_kl"] = Field(
         "forward_kl",
         description=(
             "The KD divergence between teacher p and student q, computed over the teacher's top-k plus a tail bucket: "
             "'forward_kl' KL(p||q), 'reverse_kl' KL(q||p), 'jsd' generalized JSD (see jsd_beta), "
             "'skew_forward_kl' KL(p || a*p + (1-a)*q) and 'skew_reverse_kl' KL(q || a*q + (1-a)*p) (DistiLLM; see skew_alpha), "
-            "'tvd' total variation distance."
+            "'tvd' total variation distance. 'sampled_reverse_kl' (mode on_policy only): on the student's own samples, the "
+            "per-token estimator log q(x) - log p(x) at the sampled token x (see sampled_estimator); on offline micro-batches, "
+            "whose tokens the teacher wrote, the top-k 'reverse_kl'."
         ),
     )
+    sampled_estimator: Literal["pg", "k3"] = Field(
+        "pg",
+        description=(
+            "How 'sampled_reverse_kl' turns the sampled-token log-ratio into a gradient: 'pg' uses stop_grad(log q(x) - log p(x)) "
+            "as a policy-gradient advantage on log q(x) (reported value: the k1 estimate); 'k3' differentiates "
+            "p/q - 1 - log(p/q) (Schulman's low-variance, always >= 0 estimator)."
+        ),
+    )
+    mode: Literal["offline", "on_policy"] = Field(
+        "offline",
+        description="'offline': learn from the stored teacher signals only. 'on_policy': GKD, a share `on_policy.lmbda` of micro-batches are the student's own samples scored by the teacher.",
+    )
+    on_policy: OnPolicySpec = Field(default_factory=OnPolicySpec, description="Rollouts, weight sync and mixing of mode 'on_policy'.")
     jsd_beta: float = Field(
         0.5,
         gt=0.0,
@@ -287,6 +332,12 @@ class DistillSpec(_Section):
         description="Weight of cross-entropy on the teacher's tokens; the loss is (1 - ce_weight) * KD + ce_weight * CE.",
     )
     temperature: float = Field(1.0, gt=0.0, description="Temperature applied to the student's logits in the KD term.")
+
+    @model_validator(mode="after")
+    def _sampled_needs_rollouts(self) -> "DistillSpec":
+        if self.loss == "sampled_reverse_kl" and self.mode != "on_policy":
+            raise ValueError("distill.loss: 'sampled_reverse_kl' needs the student's own samples; set distill.mode: on_policy")
+        return self
 
 
 class TrainSpec(_Section):

@@ -41,14 +41,19 @@ _MASK_VALUE = -1e30
 _MIN_TAIL_LOGPROB = -100.0
 
 
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    # float64 teacher log-probs stay float64: 1 - sum(top-k) cancels, and a tiny tail needs the bits.
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def teacher_tail_mass(topk_logprobs: torch.Tensor) -> torch.Tensor:
     """[N, K] teacher log-probs -> [N] leftover probability mass, clamped to [0, 1]."""
-    return (1.0 - topk_logprobs.float().exp().sum(-1)).clamp(0.0, 1.0)
+    return (1.0 - _at_least_float32(topk_logprobs).exp().sum(-1)).clamp(0.0, 1.0)
 
 
 def _folded_teacher(topk_logprobs: torch.Tensor, temperature: float) -> torch.Tensor:
     """[N, K] -> [N, K+1] teacher probabilities over (top-k, tail)."""
-    lp = topk_logprobs.float()
+    lp = _at_least_float32(topk_logprobs)
     tail = teacher_tail_mass(lp)
     if temperature != 1.0:
         top = (1.0 - tail).unsqueeze(-1) * torch.softmax(lp / temperature, dim=-1)
@@ -256,6 +261,41 @@ def tvd(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tenso
     return _divergence("tvd", _folded_student_logprobs(logits, topk_ids, temperature), topk_logprobs, temperature, {})
 
 
+SAMPLED_LOSS = "sampled_reverse_kl"
+
+
+def _sampled_reverse_kl(log_q_x: torch.Tensor, target_logprob: torch.Tensor, estimator: str) -> torch.Tensor:
+    """[N] student log q(x) and teacher log p(x) at the sampled tokens x ~ q -> [N] per-token loss.
+
+    'pg': the value is the k1 estimate log q(x) - log p(x) (its mean over x ~ q is KL(q || p)),
+    and the gradient is stop_grad(log q(x) - log p(x)) * grad log q(x), the policy-gradient form
+    of the reverse KL's gradient at each visited state (the score-function term; differentiating
+    k1 directly gives E[grad log q] = 0). 'k3': r - 1 - log r with r = p(x)/q(x), >= 0 for every
+    sample, differentiated directly (Schulman's low-variance estimator).
+    """
+    if estimator == "pg":
+        advantage = (log_q_x - target_logprob).detach()
+        return advantage + advantage * (log_q_x - log_q_x.detach())
+    if estimator == "k3":
+        log_r = target_logprob - log_q_x
+        return torch.expm1(log_r) - log_r
+    raise ValueError(f"unknown sampled estimator {estimator!r}; choose 'pg' or 'k3'")
+
+
+def sampled_reverse_kl(
+    logits: torch.Tensor, targets: torch.Tensor, target_logprob: torch.Tensor, temperature: float = 1.0, estimator: str = "pg"
+) -> torch.Tensor:
+    """Reverse KL(student || teacher) estimated at the student's own sampled tokens, per token.
+
+    logits: [N, V] student logits. targets: [N] the tokens the student sampled. target_logprob:
+    [N] the teacher's log-prob of each. Returns [N] float32 (k1 values can be negative; their
+    mean over samples is the KL), times T**2 like every KD loss.
+    """
+    z = logits.float() / temperature if temperature != 1.0 else logits.float()
+    log_q_x = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
+    return _sampled_reverse_kl(log_q_x, target_logprob.float(), estimator) * temperature**2
+
+
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """[N, V] logits, [N] target ids -> [N] token NLL (float32)."""
     return F.cross_entropy(logits.float(), targets, reduction="none")
@@ -271,8 +311,10 @@ LOSSES = {
 }
 
 
-def loss_params(distill: Any) -> dict[str, float]:
+def loss_params(distill: Any) -> dict[str, Any]:
     """The keyword settings of ``distill.loss`` taken from a ``DistillSpec`` (or anything with its fields)."""
+    if distill.loss == SAMPLED_LOSS:
+        return {"estimator": distill.sampled_estimator}
     if distill.loss == "jsd":
         return {"beta": distill.jsd_beta}
     if distill.loss in ("skew_forward_kl", "skew_reverse_kl"):
@@ -288,16 +330,29 @@ def distill_token_losses(
     loss: str = "forward_kl",
     ce_weight: float = 0.0,
     temperature: float = 1.0,
-    loss_params: dict[str, float] | None = None,
+    loss_params: dict[str, Any] | None = None,
+    target_logprob: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token (total, kd, ce), each [N]: total = (1 - ce_weight) * kd + ce_weight * ce.
 
     ``loss_params`` are keyword settings of the chosen loss (e.g. ``{"beta": 0.5}`` for ``jsd``).
+    ``target_logprob`` [N] is the teacher's log-prob of each target token; 'sampled_reverse_kl'
+    uses it on the student's own samples, and without it (teacher-written tokens) falls back to
+    the top-k 'reverse_kl', since the sampled estimator is only valid for x ~ student.
     """
-    if loss not in _FOLDED:
-        raise ValueError(f"unknown loss {loss!r}; choose one of {sorted(_FOLDED)}")
+    params = dict(loss_params or {})
+    if loss == SAMPLED_LOSS and target_logprob is None:
+        loss = "reverse_kl"
+        params.pop("estimator", None)
+    if loss not in _FOLDED and loss != SAMPLED_LOSS:
+        raise ValueError(f"unknown loss {loss!r}; choose one of {sorted(LOSSES) + [SAMPLED_LOSS]}")
     log_q, z, log_z = _student_parts(logits, topk_ids, temperature)
-    kd = _divergence(loss, log_q, topk_logprobs, temperature, loss_params or {})
+    if loss == SAMPLED_LOSS:
+        # The folded parts already hold the logsumexp; the sampled token's log-prob reuses it.
+        log_q_x = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_z.squeeze(-1)
+        kd = _sampled_reverse_kl(log_q_x, target_logprob.float(), params.get("estimator", "pg")) * temperature**2
+    else:
+        kd = _divergence(loss, log_q, topk_logprobs, temperature, params)
     if temperature == 1.0:
         # The KD term's logsumexp is the CE's too: one pass over the vocabulary, not two.
         ce = (log_z.squeeze(-1) - z.gather(-1, targets.unsqueeze(-1)).squeeze(-1))
@@ -385,8 +440,9 @@ def chunked_distill_loss_sums(
     ce_weight: float = 0.0,
     temperature: float = 1.0,
     chunk_tokens: int = 1024,
-    loss_params: dict[str, float] | None = None,
+    loss_params: dict[str, Any] | None = None,
     always_recompute: bool = False,
+    target_logprob: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sums over tokens of (total, kd, ce), computing logits ``chunk_tokens`` rows at a time.
 
@@ -399,27 +455,27 @@ def chunked_distill_loss_sums(
     checkpoints every chunk, a single one too: under ZeRO-3 every LM-head call is a collective
     (parameter gathering in forward, recompute and backward), so all ranks must call it the
     same way whatever their token counts, and the fused path's direct use of the weight would
-    bypass the gathering.
+    bypass the gathering. ``target_logprob`` [N], when given, is sliced with the chunks and passed
+    to the loss (see ``distill_token_losses``).
     """
+    args = (targets, topk_ids, topk_logprobs) + (() if target_logprob is None else (target_logprob,))
 
-    def logit_sums(logits, t, ids, lp):
-        total, kd, ce = distill_token_losses(logits, t, ids, lp, loss, ce_weight, temperature, loss_params)
+    def logit_sums(logits, t, ids, lp, tl=None):
+        total, kd, ce = distill_token_losses(logits, t, ids, lp, loss, ce_weight, temperature, loss_params, tl)
         return total.sum(), kd.sum(), ce.sum()
 
-    def chunk_sums(h, t, ids, lp):
-        return logit_sums(lm_head(h), t, ids, lp)
+    def chunk_sums(h, *chunk_args):
+        return logit_sums(lm_head(h), *chunk_args)
 
     if hidden.shape[0] <= chunk_tokens and not always_recompute:
         # One chunk: its logits are within the O(chunk * V) bound already, so keeping them for
         # backward costs no extra memory and saves recomputing the LM head (a third of its cost).
-        return chunk_sums(hidden, targets, topk_ids, topk_logprobs)
+        return chunk_sums(hidden, *args)
     if not always_recompute and type(lm_head) is torch.nn.Linear:
-        return fused_linear_loss_sums(hidden, lm_head, logit_sums, chunk_tokens, targets, topk_ids, topk_logprobs)
+        return fused_linear_loss_sums(hidden, lm_head, logit_sums, chunk_tokens, *args)
     sums = [hidden.new_zeros((), dtype=torch.float32) for _ in range(3)]
     for start in range(0, hidden.shape[0], chunk_tokens):
         sl = slice(start, start + chunk_tokens)
-        parts = torch.utils.checkpoint.checkpoint(
-            chunk_sums, hidden[sl], targets[sl], topk_ids[sl], topk_logprobs[sl], use_reentrant=False
-        )
+        parts = torch.utils.checkpoint.checkpoint(chunk_sums, hidden[sl], *(a[sl] for a in args), use_reentrant=False)
         sums = [s + p for s, p in zip(sums, parts)]
     return tuple(sums)
