@@ -288,12 +288,24 @@ def _stored_columns(columns: list[str] | None, schema_version: int) -> list[str]
     return out + [anchor, "topk_logprob_steps"] if "topk_logprobs" in columns else out
 
 
+def shard_files(signals_dir: str | Path) -> list[str]:
+    """The teacher pass's shards: the Parquet files directly in ``signals_dir``.
+
+    Subdirectories are not signals of this pass (``on_policy/`` holds the student's rollouts, in
+    their own schema), so readers list the top level instead of letting Arrow or Ray recurse.
+    """
+    files = sorted(str(f) for f in Path(signals_dir).glob("*.parquet") if f.is_file())
+    if not files:
+        raise SignalMismatchError(f"{signals_dir}: no signal shards (*.parquet); run the teacher pass first")
+    return files
+
+
 def load_signals(signals_dir: str | Path, columns: list[str] | None = None) -> pa.Table:
     """All signal rows of ``signals_dir`` as one decoded ``SIGNAL_SCHEMA`` table (small runs, tests, reports)."""
     import pyarrow.dataset as pads
 
     meta = read_signal_meta(signals_dir)
-    table = pads.dataset(str(signals_dir), format="parquet").to_table(columns=_stored_columns(columns, meta["schema_version"]))
+    table = pads.dataset(shard_files(signals_dir), format="parquet").to_table(columns=_stored_columns(columns, meta["schema_version"]))
     return decode_signals(table, meta["logprob_scale"], meta.get("topk_id_order", ()))
 
 
@@ -302,7 +314,7 @@ def read_signals(signals_dir: str | Path, split: str | None = None):
     import ray.data
 
     meta = read_signal_meta(signals_dir)
-    ds = ray.data.read_parquet(str(signals_dir))
+    ds = ray.data.read_parquet(shard_files(signals_dir))
     if split is not None:
         ds = ds.filter(expr=f"split == '{split}'")
     return ds.map_batches(decode_signals, fn_kwargs={"scale": meta["logprob_scale"], "id_order": meta.get("topk_id_order", ())}, batch_format="pyarrow")
@@ -312,38 +324,3 @@ def stable_split(example_id: str, eval_fraction: float) -> str:
     """'eval' for a stable ``eval_fraction`` share of ids, else 'train'."""
     bucket = int.from_bytes(hashlib.sha256(example_id.encode()).digest()[:8], "big") / 2**64
     return "eval" if bucket < eval_fraction else "train"
-
-
-def collate(rows: dict[str, np.ndarray], max_seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
-    """A batch of signal rows -> padded arrays for the student.
-
-    Returns input_ids/attention_mask [B, T], and for the M target tokens of the batch (flattened,
-    row-major): ``pred_pos`` [M, 2] (row, position whose logits predict the target), ``targets`` [M],
-    ``topk_ids`` [M, K], ``topk_logprobs`` [M, K]. Sequences longer than ``max_seq_len`` are cut
-    from the right, dropping their last targets.
-    """
-    seqs = [np.asarray(s, dtype=np.int64)[:max_seq_len] for s in rows["input_ids"]]
-    width = max(len(s) for s in seqs)
-    input_ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(seqs), width), dtype=np.int64)
-    pred_pos, targets, topk_ids, topk_lp = [], [], [], []
-    for b, (seq, start, ids, lps) in enumerate(zip(seqs, rows["target_start"], rows["topk_ids"], rows["topk_logprobs"])):
-        input_ids[b, : len(seq)] = seq
-        mask[b, : len(seq)] = 1
-        start = int(start)
-        # Position t's token is predicted by the logits at t - 1; position 0 (BOS) is never a target.
-        for t in range(max(start, 1), len(seq)):
-            j = t - start
-            pred_pos.append((b, t - 1))
-            targets.append(seq[t])
-            topk_ids.append(np.asarray(ids[j], dtype=np.int64))
-            topk_lp.append(np.asarray(lps[j], dtype=np.float32))
-    k = len(topk_ids[0]) if topk_ids else 1
-    return {
-        "input_ids": input_ids,
-        "attention_mask": mask,
-        "pred_pos": np.asarray(pred_pos, dtype=np.int64).reshape(-1, 2),
-        "targets": np.asarray(targets, dtype=np.int64),
-        "topk_ids": np.stack(topk_ids) if topk_ids else np.zeros((0, k), np.int64),
-        "topk_logprobs": np.stack(topk_lp) if topk_lp else np.zeros((0, k), np.float32),
-    }

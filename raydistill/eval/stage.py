@@ -45,7 +45,7 @@ class PairScorer:
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        from raydistill.data.signals import collate
+        from raydistill.data.collate import collate
         from raydistill.distill.losses import cross_entropy, forward_kl
 
         batch = collate(rows, self.max_seq_len, self.pad_id)

@@ -4,7 +4,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from raydistill.data.signals import SIGNAL_SCHEMA, SignalMismatchError, check_tokenizer_matches, collate, stable_split, tokenizer_fingerprint, write_signal_meta
+from raydistill.data.collate import collate
+from raydistill.data.signals import SIGNAL_SCHEMA, SignalMismatchError, check_tokenizer_matches, stable_split, tokenizer_fingerprint, write_signal_meta
 from raydistill.data.signals import decode_signals, encode_signals
 from raydistill.spec import SamplingSpec, TeacherPassSpec
 from raydistill.teacher.stage import needs_response_text, response_texts, sampling_params, to_signal_row, topk_from_logprob_dict
