@@ -14,16 +14,19 @@ the same storage and resumes from it too. The last checkpoint also holds the HF 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from raydistill.distill.dsconfig import deepspeed_config, uses_client_optimizer
 from raydistill.distill.export import EXPORT_DIR, EXPORT_METRICS_FILE, REFERENCE_LOGITS_FILE, export_hf, export_student, reference_logits
-from raydistill.spec import DistillSpec, StudentSpec, TrainSpec
+from raydistill.spec import DistillSpec, StudentSpec, TeacherPassSpec, TeacherSpec, TrainSpec
 from raydistill.fileio import write_atomic
 from raydistill.jobs.rundir import RunDir
 
@@ -40,8 +43,10 @@ class TrainInputs:
     total_steps: int
     ds_config: dict
     freeze_embeddings: bool = False
-    # Local directory for the live progress log and TensorBoard, or None (object-store run dirs).
+    # Local directory for the live progress log and TensorBoard, or None.
     log_dir: str | None = None
+    # The rollout engine and teacher scorers of distill.mode 'on_policy' (raydistill.onpolicy.loop).
+    on_policy: Any = None
 
 
 def total_steps(train: TrainSpec, n_train_rows: int) -> int:
@@ -60,14 +65,26 @@ def _micro_batches(shard, train: TrainSpec, pad_id: int, skip: int = 0):
     number of collective steps even when shards end at different batch boundaries. The first
     ``skip`` micro-batches (consumed before a resume) are drawn and dropped uncollated.
     """
-    from raydistill.data.signals import collate
+    from raydistill.data.collate import collate
 
     while True:
-        for rows in shard.iter_batches(batch_size=train.micro_batch_size, batch_format="numpy"):
+        # Arrow batches: collate reads their offsets and flat buffers directly; the numpy format
+        # would first build one array per position (benchmarks/collate.py).
+        for rows in shard.iter_batches(batch_size=train.micro_batch_size, batch_format="pyarrow"):
             if skip:
                 skip -= 1
                 continue
             yield collate(rows, train.max_seq_len, pad_id)
+
+
+def offline_micro_batches_before(step: int, distill: DistillSpec, grad_accum: int) -> int:
+    """How many offline micro-batches steps 1..``step`` drew (all of them, unless on-policy ones replaced some)."""
+    if distill.mode != "on_policy":
+        return step * grad_accum
+    from raydistill.onpolicy.loop import on_policy_plan
+
+    op = distill.on_policy
+    return sum(not on for s in range(1, step + 1) for on in on_policy_plan(op.seed, op.lmbda, s, grad_accum))
 
 
 def _to_tensors(batch: dict, device):
@@ -268,6 +285,7 @@ def train_step(engine, micro: list[dict], distill: DistillSpec, chunk_tokens: in
             chunk_tokens=chunk_tokens,
             loss_params=loss_params(distill),
             always_recompute=zero3,
+            target_logprob=m.get("target_logprob"),
         )
         if zero3:
             total = total + _zero3_balance_chunks(model.get_output_embeddings(), extra_chunks[i], m, distill, device)
@@ -361,6 +379,27 @@ def save_checkpoint(engine, step: int, history: list[dict], inputs: TrainInputs,
         ray.train.report(history[-1] if history else {"step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
+def _step_micro_batches(step: int, batches, source, distill: DistillSpec, grad_accum: int) -> tuple[list[dict], dict | None]:
+    """A step's micro-batches: offline ones from the signals, on-policy ones (per the seeded plan) from rollouts."""
+    if source is None:
+        return [next(batches) for _ in range(grad_accum)], None
+    from raydistill.onpolicy.loop import on_policy_plan
+
+    op = distill.on_policy
+    micro, info = [], {"rollouts": 0, "policy_version": None, "response_tokens": 0}
+    for i, on in enumerate(on_policy_plan(op.seed, op.lmbda, step, grad_accum)):
+        if not on:
+            micro.append(next(batches))
+            continue
+        batch, got = source.micro_batch(step, i)
+        micro.append(batch)
+        info["rollouts"] += got["rollouts"]
+        info["response_tokens"] += got["response_tokens"]
+        info["policy_version"] = got["policy_version"]
+    info["on_policy_micro"] = sum(on_policy_plan(op.seed, op.lmbda, step, grad_accum))
+    return micro, info
+
+
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import torch
@@ -390,13 +429,28 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             print(f"[train] resumed from the checkpoint at step {start}", flush=True)
 
-    batches = _micro_batches(ray.train.get_dataset_shard("train"), train, tokenizer.pad_token_id, skip=start * train.grad_accum)
+    batches = _micro_batches(ray.train.get_dataset_shard("train"), train, tokenizer.pad_token_id,
+                             skip=offline_micro_batches_before(start, distill, train.grad_accum))
+    source = None
+    if inputs.on_policy is not None:
+        from raydistill.onpolicy.loop import OnPolicySource
+
+        source = OnPolicySource(inputs.on_policy, ray.train.get_dataset_shard("prompts"), train.micro_batch_size, rank, tokenizer.pad_token_id, tokenizer)
+        if start:
+            source.sync(engine, start)  # the engine restarted from the initial weights
     for step in range(start + 1, inputs.total_steps + 1):
         t0 = time.perf_counter()
         lr = engine.get_lr()[0]  # the rate this step applies; the scheduler advances after it
-        micro = [_to_tensors(next(batches), device) for _ in range(train.grad_accum)]
+        micro, on_policy = _step_micro_batches(step, batches, source, distill, train.grad_accum)
+        t_train = time.perf_counter()
+        micro = [_to_tensors(m, device) for m in micro]
         loss, kd, ce, tokens, grad_norm = train_step(engine, micro, distill, train.loss_chunk_tokens, world)
         seconds = time.perf_counter() - t0
+        if source is not None:
+            on_policy["train_s"] = time.perf_counter() - t_train
+            if step % distill.on_policy.sync_every == 0 and step < inputs.total_steps:
+                source.sync(engine, step)
+            on_policy.update(source.take_phase_times())
         record = {
             "step": step,
             "loss": loss,
@@ -409,6 +463,7 @@ def train_loop_per_worker(config: dict) -> None:
             "step_s": seconds,
             "lr": lr,
             "grad_norm": grad_norm,
+            **(on_policy or {}),
         }
         history.append(record)
         log.step(record)
@@ -427,13 +482,17 @@ def run_train_stage(
     *,
     student: StudentSpec | None = None,
     teacher_path: str | None = None,
+    teacher: TeacherSpec | None = None,
+    teacher_pass: TeacherPassSpec | None = None,
 ) -> dict:
     """Train the student on ``split == train`` signals; export it to ``run.student``. Returns the stage outputs.
 
-    Everything it writes goes under ``run``: ``student_init``, ``train`` (logs), ``checkpoints``, ``student``.
+    Everything it writes goes under ``run``: ``student_init``, ``train`` (logs), ``checkpoints``,
+    ``student``, and with ``distill.mode`` 'on_policy' the scored rollouts in ``on_policy``.
 
     ``student`` (with ``teacher_path``) selects the initialization; without it ``student_path``
-    is used as a pretrained start.
+    is used as a pretrained start. On-policy training also scores with the teacher
+    (``teacher_path``, ``teacher``'s engines, ``teacher_pass.top_k``).
     """
     from transformers import AutoTokenizer
 
@@ -469,9 +528,25 @@ def run_train_stage(
         freeze_embeddings=bool(student and student.freeze_embeddings),
         log_dir=str(train_dir),
     )
-    result = build_trainer(inputs, train_ds, run).fit()
+    datasets, pool = {"train": train_ds}, None
+    if distill.mode == "on_policy":
+        pool, datasets["prompts"] = _start_on_policy(distill, train, teacher, teacher_pass, teacher_path, student_path, signals_dir, run)
+        inputs = dataclasses.replace(inputs, on_policy=pool)
+    try:
+        result = build_trainer(inputs, datasets, run).fit()
+    finally:
+        if pool is not None:
+            from raydistill.onpolicy.loop import stop_pool
+
+            stop_pool(pool)
     student_dir, export_diff = export_student(result.checkpoint, run.student, train_dir)
     print(f"[train] exported {student_dir}; max |logit diff| vs the in-training model: {export_diff:.2e}", flush=True)
+    on_policy = {}
+    if pool is not None:
+        from raydistill.onpolicy.loop import summarize
+
+        history = [json.loads(line) for line in (train_dir / "metrics.jsonl").read_text().splitlines()]
+        on_policy = {"on_policy": summarize(history, run.on_policy, distill.on_policy.sync_every)}
     return {
         "student_dir": str(student_dir),
         "student_init": student_path,
@@ -481,10 +556,31 @@ def run_train_stage(
         "train_rows": n_rows,
         "final_loss": result.metrics["loss"] if result.metrics else None,
         "export_max_logit_diff": export_diff,
+        **on_policy,
     }
 
 
-def build_trainer(inputs: TrainInputs, train_ds, run: RunDir):
+def _start_on_policy(distill: DistillSpec, train: TrainSpec, teacher: TeacherSpec | None, teacher_pass: TeacherPassSpec | None,
+                     teacher_path: str | None, student_path: str, signals_dir, run: RunDir):
+    """The rollout engine and teacher scorers (raydistill.onpolicy.loop), and the prompts the student samples from."""
+    from raydistill.data.signals import read_signals
+    from raydistill.onpolicy.loop import start_pool
+    from raydistill.teacher.stage import engine_kwargs
+
+    if teacher is None or teacher_pass is None or teacher_path is None:
+        raise ValueError("distill.mode 'on_policy' needs the teacher (teacher, teacher_pass and the teacher's path) to score rollouts")
+    op = distill.on_policy
+    if run.on_policy.exists() and not any(run.checkpoints.glob("*/checkpoint_*")):
+        shutil.rmtree(run.on_policy)  # an earlier attempt's rollouts that no checkpoint continues
+    prompts = read_signals(signals_dir, split=None if op.prompts == "all" else op.prompts).select_columns(["id", "input_ids", "target_start"])
+    print(f"[train] on-policy: lmbda {op.lmbda}, rollouts of {op.max_tokens} tokens at T={op.temperature}, weight sync every "
+          f"{op.sync_every} step(s); starting the student's rollout engine and {teacher.replicas.max} teacher scorer(s)", flush=True)
+    pool = start_pool(op, teacher, engine_kwargs(teacher, teacher_pass), teacher_pass.top_k, teacher_path, student_path,
+                      run.on_policy, train.max_seq_len, train.use_gpu)
+    return pool, prompts
+
+
+def build_trainer(inputs: TrainInputs, datasets: dict, run: RunDir):
     """Ray Train's TorchTrainer over ``train_loop_per_worker``, with checkpoints and restarts under RUN/checkpoints."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -495,7 +591,7 @@ def build_trainer(inputs: TrainInputs, train_ds, run: RunDir):
         train_loop_config={"inputs": inputs},
         scaling_config=ScalingConfig(num_workers=train.workers, use_gpu=train.use_gpu),
         torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
-        datasets={"train": train_ds},
+        datasets=datasets,
         # Same name and storage on a re-run: Ray Train restores its checkpoint manager from there
         # and get_checkpoint() returns the interrupted run's latest checkpoint.
         run_config=RunConfig(

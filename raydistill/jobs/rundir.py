@@ -27,6 +27,11 @@ class RunDir:
         return self.root / "signals"
 
     @property
+    def on_policy(self) -> Path:
+        """The student's scored rollouts of on-policy training (written by train, not the teacher pass)."""
+        return self.signals / "on_policy"
+
+    @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
 

@@ -52,7 +52,8 @@ def _train(ctx: StageContext) -> dict:
     from raydistill.distill.train import run_train_stage
 
     s = ctx.spec
-    return run_train_stage(s.train, s.distill, ctx.student_path, ctx.run.signals, ctx.run, student=s.student, teacher_path=ctx.teacher_path)
+    return run_train_stage(s.train, s.distill, ctx.student_path, ctx.run.signals, ctx.run, student=s.student, teacher_path=ctx.teacher_path,
+                           teacher=s.teacher, teacher_pass=s.teacher_pass)
 
 
 def _eval(ctx: StageContext) -> dict:
@@ -74,8 +75,11 @@ def _serve_check(ctx: StageContext) -> dict:
     return out
 
 
-def _student_models(ctx: StageContext) -> dict[str, str]:
-    return {"teacher": ctx.teacher_path} if ctx.student_path is None else {"student": ctx.student_path}
+def _train_models(ctx: StageContext) -> dict[str, str]:
+    models = {"teacher": ctx.teacher_path} if ctx.student_path is None else {"student": ctx.student_path}
+    if ctx.spec.distill.mode == "on_policy":
+        models["teacher"] = ctx.teacher_path  # it scores the rollouts
+    return models
 
 
 # Keys that change how a stage runs (its parallelism, cadence, placement) but not what it produces.
@@ -88,8 +92,8 @@ _SERVE_RUNTIME = ("serve.host", "serve.port", "serve.app_name", "serve.api_key_e
 STAGES: tuple[Stage, ...] = (
     Stage("teacher", _teacher, reads=("teacher.model", "teacher.engine_args", "data", "teacher_pass"), ignores=_TEACHER_RUNTIME,
           models=lambda ctx: {"teacher": ctx.teacher_path}, reads_corpus=True, outputs=lambda run: (run.signals,)),
-    Stage("train", _train, reads=("student", "distill", "train"), ignores=_TRAIN_RUNTIME, after=("teacher",), models=_student_models,
-          outputs=lambda run: (run.checkpoints, run.train, run.student_init, run.student)),
+    Stage("train", _train, reads=("student", "distill", "train"), ignores=_TRAIN_RUNTIME, after=("teacher",), models=_train_models,
+          outputs=lambda run: (run.checkpoints, run.train, run.student_init, run.student, run.on_policy)),
     Stage("eval", _eval, reads=("eval", "train.max_seq_len", "teacher.engine_args"), ignores=("eval.enabled", "eval.num_cpus"),
           after=("teacher", "train"), models=lambda ctx: {"teacher": ctx.teacher_path}, outputs=lambda run: (run.eval,),
           enabled=lambda spec: spec.eval.enabled),

@@ -335,7 +335,9 @@ def run_teacher_stage(data: DataSpec, teacher: TeacherSpec, teacher_pass: Teache
     if engines.get("died_rows"):
         raise RuntimeError(f"the teacher's vLLM engines died repeatedly and {engines['died_rows']} rows could not be scored (listed in "
                            f"{Path(signals_dir) / REJECTED_FILE}). {engines['hint']} Rows already written are kept; a re-run resumes.")
-    table = pq.ParquetDataset(signals_dir).read(columns=["id", "split"])
+    # The top-level shards only: on_policy/ below holds training's rollouts, not this pass's rows.
+    files = sorted(str(f) for f in Path(signals_dir).glob("*.parquet"))
+    table = pq.ParquetDataset(files).read(columns=["id", "split"]) if files else pa.table({"id": pa.array([], pa.string()), "split": pa.array([], pa.string())})
     ids = table["id"].to_pylist()
     if len(ids) != len(set(ids)):
         raise RuntimeError(f"{signals_dir} holds duplicate ids; delete it and re-run the teacher stage")
