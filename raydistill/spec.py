@@ -392,6 +392,15 @@ class EvalSpec(_Section):
     measure_speed: bool = Field(True, description="Measure generation tokens/s of the student and the teacher on the same vLLM engine settings (the teacher's).")
     speed_prompts: int = Field(16, ge=1, description="Held-out prompts generated in the speed measurement.")
     speed_tokens: int = Field(32, ge=1, description="Tokens generated per prompt in the speed measurement (EOS ignored, so both models do equal work).")
+    own_samples: int = Field(
+        16,
+        ge=0,
+        description=(
+            "Held-out prompts the student samples from (temperature 1) for the teacher-scored quality of its own text: per-token "
+            "reverse KL to the teacher on those samples and the teacher's NLL of them, what a user of the student sees. 0 skips it."
+        ),
+    )
+    own_sample_tokens: int = Field(32, ge=1, description="Most tokens the student samples per prompt for `own_samples`.")
 
 
 class ServeSpec(_Section):

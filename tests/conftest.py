@@ -41,8 +41,9 @@ def run_cli():
 
 
 # The overrides of configs/tiny.yaml that the shared run uses: the report's vLLM generation on (so
-# the eval checks see speed and side-by-side answers) and a short training.
-TINY_RUN_OVERRIDES = ["eval.measure_speed=true", "eval.side_by_side=2", "eval.speed_prompts=4", "train.max_steps=6"]
+# the eval checks see speed, side-by-side answers and the student's own samples) and a short training.
+TINY_RUN_OVERRIDES = ["eval.measure_speed=true", "eval.side_by_side=2", "eval.speed_prompts=4", "eval.own_samples=4",
+                      "eval.own_sample_tokens=16", "train.max_steps=6"]
 
 
 @pytest.fixture(scope="session")

@@ -35,8 +35,10 @@ def model_size(model_dir: str) -> dict:
 DTYPE_KEY = "teacher.engine_args.dtype"
 
 
-def _generate(model_dir: str, engine_args: dict, prompts: list[str], side_by_side: int, max_tokens: int) -> dict:
-    """Body of the Ray task: greedy answers for the first prompts, then a timed fixed-length run.
+def _generate(model_dir: str, engine_args: dict, prompts: list[str], side_by_side: int, max_tokens: int, own: dict | None = None) -> dict:
+    """Body of the Ray task: greedy answers for the first prompts, then a timed fixed-length run;
+    with ``own``, also the model's own samples ({"sample": {prompt_ids, max_tokens}}) or its
+    log-probs of another model's samples ({"score": samples}).
 
     The engine's dtype is chosen here, on the node that runs it (``raydistill.engine_dtype``).
     """
@@ -44,9 +46,14 @@ def _generate(model_dir: str, engine_args: dict, prompts: list[str], side_by_sid
 
     from raydistill import engine_dtype
 
-    engine_args, choice = engine_dtype.resolve(engine_args, DTYPE_KEY)
+    engine_args, choice = engine_dtype.resolve({"seed": 0, **engine_args}, DTYPE_KEY)
+    extra = {}
     try:
         llm = LLM(model=model_dir, **engine_args)
+        if own and "sample" in own:
+            extra["samples"] = _sample(llm, own["sample"]["prompt_ids"], own["sample"]["max_tokens"])
+        if own and "score" in own:
+            extra["sample_logprobs"] = _score(llm, own["score"])
         answers = [o.outputs[0].text for o in llm.generate(prompts[:side_by_side], SamplingParams(temperature=0.0, max_tokens=48), use_tqdm=False)] if side_by_side else []
         llm.generate(prompts[:1], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up outside the timing
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
@@ -57,18 +64,70 @@ def _generate(model_dir: str, engine_args: dict, prompts: list[str], side_by_sid
         raise RuntimeError(f"the report's vLLM engine for {model_dir} failed: {type(err).__name__}: {err}\n"
                            f"{engine_dtype.death_hint(engine_args, DTYPE_KEY)}") from err
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    return {"answers": answers, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "engine_dtype": choice.as_dict()}
+    return {"answers": answers, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "engine_dtype": choice.as_dict(), **extra}
 
 
-def generation_runs(models: dict[str, str], engine_args: dict, engine_env: dict[str, str], prompts: list[str], side_by_side: int, max_tokens: int) -> dict:
-    """``engine_env``: the environment the engines start with (``TeacherSpec.cpu_engine_env``)."""
+def generation_runs(models: dict[str, str], engine_args: dict, engine_env: dict[str, str], prompts: list[str], side_by_side: int,
+                    max_tokens: int, own: dict | None = None) -> dict:
+    """``engine_env``: the environment the engines start with (``TeacherSpec.cpu_engine_env``).
+
+    ``own`` (``prompt_ids``, ``max_tokens``): the student samples from those prompts, and the
+    teacher then scores exactly those samples, in the same engines as the speed runs.
+    """
     import ray
 
     task = ray.remote(num_cpus=1, runtime_env={"env_vars": engine_env})(_generate)
     out = {}
     for name, path in models.items():  # one at a time: two engines at once would share the cores
         print(f"[eval] generating with the {name} on vLLM ...", flush=True)
-        out[name] = ray.get(task.remote(path, engine_args, prompts, side_by_side, max_tokens))
+        todo = None
+        if own and name == "student":
+            todo = {"sample": own}
+        elif own and name == "teacher":
+            todo = {"score": out["student"]["samples"]}
+        out[name] = ray.get(task.remote(path, engine_args, prompts, side_by_side, max_tokens, todo))
+    if own:
+        samples, teacher_lp = out["student"].pop("samples"), out["teacher"].pop("sample_logprobs")
+        out["own_samples"] = own_sample_quality(samples, teacher_lp)
+        out["own_sample_rows"] = [{**s, "teacher_logprobs": lp} for s, lp in zip(samples, teacher_lp)]
+    return out
+
+
+def own_sample_quality(samples: list[dict], teacher_logprobs: list[list[float]]) -> dict:
+    """Per-token reverse KL to the teacher on the student's own samples (k1: mean of log q(x) - log p(x), x ~ q), and the teacher's NLL of them."""
+    import numpy as np
+
+    log_q = np.concatenate([np.asarray(s["response_logprobs"], np.float64) for s in samples]) if samples else np.zeros(0)
+    log_p = np.concatenate([np.asarray(lp, np.float64) for lp in teacher_logprobs]) if samples else np.zeros(0)
+    if not len(log_q):
+        return {"prompts": len(samples), "tokens": 0, "reverse_kl": None, "teacher_nll": None}
+    return {"prompts": len(samples), "tokens": int(len(log_q)), "reverse_kl": float((log_q - log_p).mean()), "teacher_nll": float(-log_p.mean())}
+
+
+def _sample(llm, prompt_ids: list[list[int]], max_tokens: int) -> list[dict]:
+    """The model's own samples at temperature 1 (the engine-wide seed), with its log-prob of each sampled token."""
+    from vllm import SamplingParams, TokensPrompt
+
+    params = SamplingParams(temperature=1.0, max_tokens=max_tokens, logprobs=0, detokenize=False)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False)
+    samples = []
+    for ids, o in zip(prompt_ids, outs):
+        tokens = list(o.outputs[0].token_ids)
+        samples.append({"prompt_ids": list(ids), "response_ids": tokens,
+                        "response_logprobs": [float(lp[t].logprob) for t, lp in zip(tokens, o.outputs[0].logprobs)]})
+    return samples
+
+
+def _score(llm, samples: list[dict]) -> list[list[float]]:
+    """The model's log-prob of each response token of ``samples`` (prompt log-probs of prompt + response)."""
+    from vllm import SamplingParams, TokensPrompt
+
+    params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0, detokenize=False)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=s["prompt_ids"] + s["response_ids"]) for s in samples], params, use_tqdm=False)
+    out = []
+    for s, o in zip(samples, outs):
+        ids, start = o.prompt_token_ids, len(s["prompt_ids"])
+        out.append([float(o.prompt_logprobs[t][ids[t]].logprob) for t in range(start, len(ids))])
     return out
 
 
@@ -116,6 +175,14 @@ def comparison_chart(report: dict, out_png: Path) -> None:
     plt.close(fig)
 
 
+def _own_sample_lines(own: dict | None) -> list[str]:
+    if not own or own.get("reverse_kl") is None:
+        return []
+    return [f"- **On the student's own samples** ({own['prompts']} held-out prompts, {own['tokens']} tokens sampled at temperature 1, "
+            f"scored by the teacher): reverse KL to the teacher {own['reverse_kl']:.4f} nats/token, teacher NLL {own['teacher_nll']:.3f} "
+            "nats/token. This is the text a user of the student sees; lower is closer to the teacher."]
+
+
 def write_markdown(report: dict, path: Path) -> None:
     s, t = report["student"], report["teacher"]
     lines = [
@@ -141,6 +208,7 @@ def write_markdown(report: dict, path: Path) -> None:
         "",
         f"- **Top-1 agreement**: the student's most likely token is the teacher's most likely token at {report['top1_agreement']:.1%} of positions.",
         f"- **KL to the teacher**: {report['kl_to_teacher']:.4f} nats/token (forward KL over the teacher's top-k plus a tail bucket; 0 means the same distribution).",
+        *_own_sample_lines(report.get("own_samples")),
         "",
         "![comparison](comparison.png)",
         "",

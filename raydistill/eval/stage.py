@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 
 from raydistill.spec import EvalSpec
 from raydistill.fileio import write_atomic
@@ -107,10 +108,12 @@ def run_eval_stage(
     report["student"].update(model_size(student_path))
     report["teacher"].update(model_size(teacher_path))
 
-    table = load_signals(signals_dir, columns=["prompt", "split"])
-    prompts = [p for p, s in zip(table["prompt"].to_pylist(), table["split"].to_pylist()) if s == "eval"]
-    if eval_spec.measure_speed or eval_spec.side_by_side:
-        figures = generation_figures(eval_spec, student_path, teacher_path, prompts, engine_args, engine_env)
+    table = load_signals(signals_dir, columns=["prompt", "split", "input_ids", "target_start"])
+    table = table.filter(pc.equal(table["split"], "eval"))
+    prompts = table["prompt"].to_pylist()
+    prompt_ids = [ids[: max(start, 1)] for ids, start in zip(table["input_ids"].to_pylist()[: eval_spec.own_samples], table["target_start"].to_pylist())]
+    if eval_spec.measure_speed or eval_spec.side_by_side or eval_spec.own_samples:
+        figures = generation_figures(eval_spec, student_path, teacher_path, prompts, prompt_ids, engine_args, engine_env)
         for m in ("student", "teacher"):
             report[m].update(figures.pop(m))
         report.update(figures)
@@ -121,7 +124,11 @@ def run_eval_stage(
         f"top-1 agreement {report['top1_agreement']:.1%}",
         flush=True,
     )
+    if (own := report.get("own_samples")) and own["reverse_kl"] is not None:
+        print(f"[eval] on the student's own samples ({own['tokens']} tokens): reverse KL to the teacher {own['reverse_kl']:.3f}, "
+              f"teacher NLL {own['teacher_nll']:.3f}", flush=True)
     return {"report": str(eval_dir / "report.json"), **{k: report[k] for k in ("kl_to_teacher", "top1_agreement")},
+            **({"own_samples": report["own_samples"]} if "own_samples" in report else {}),
             **({"engine_dtype": report["engine_dtype"]} if "engine_dtype" in report else {})}
 
 
@@ -150,21 +157,25 @@ def score_pairs(eval_spec: EvalSpec, max_seq_len: int, student_path: str, teache
     return totals, n_rows
 
 
-def generation_figures(eval_spec: EvalSpec, student_path: str, teacher_path: str, prompts: list[str], engine_args: dict,
-                       engine_env: dict[str, str]) -> dict:
-    """The report's vLLM part: both models' tokens/s on the same engine settings, side-by-side answers, engine dtypes."""
+def generation_figures(eval_spec: EvalSpec, student_path: str, teacher_path: str, prompts: list[str], prompt_ids: list[list[int]],
+                       engine_args: dict, engine_env: dict[str, str]) -> dict:
+    """The report's vLLM part: both models' tokens/s on the same engine settings, side-by-side answers, engine dtypes,
+    and the teacher-scored quality of the student's own samples on ``prompt_ids``."""
     from raydistill.eval.report import generation_runs
 
+    own = {"prompt_ids": prompt_ids, "max_tokens": eval_spec.own_sample_tokens} if eval_spec.own_samples and prompt_ids else None
     runs = generation_runs(
         {"student": student_path, "teacher": teacher_path}, engine_args, engine_env,
-        prompts[: eval_spec.speed_prompts], min(eval_spec.side_by_side, len(prompts)), eval_spec.speed_tokens,
+        prompts[: eval_spec.speed_prompts], min(eval_spec.side_by_side, len(prompts)), eval_spec.speed_tokens, own,
     )
     out: dict = {"student": {}, "teacher": {}}
     if eval_spec.measure_speed:
         for m in ("student", "teacher"):
             out[m] = dict(tokens_per_s=runs[m]["tokens_per_s"], speed_tokens=runs[m]["tokens"], speed_seconds=runs[m]["seconds"])
         out["student_over_teacher_speedup"] = runs["student"]["tokens_per_s"] / runs["teacher"]["tokens_per_s"]
-    out["engine_dtype"] = {m: runs[m]["engine_dtype"] for m in runs}
+    out["engine_dtype"] = {m: runs[m]["engine_dtype"] for m in ("student", "teacher")}
+    if "own_samples" in runs:
+        out["own_samples"], out["own_sample_rows"] = runs["own_samples"], runs["own_sample_rows"]
     out["side_by_side"] = [{"prompt": p, "student": s, "teacher": t} for p, s, t in zip(prompts, runs["student"]["answers"], runs["teacher"]["answers"])]
     return out
 
@@ -175,6 +186,9 @@ def write_report(report: dict, run: RunDir) -> Path:
 
     eval_dir = run.eval
     eval_dir.mkdir(parents=True, exist_ok=True)
+    if rows := report.pop("own_sample_rows", None):
+        # The student's samples with both models' log-probs of each token: the own-sample figures, auditable.
+        write_atomic(eval_dir / "own_samples.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     report["loss_curve"] = loss_curve(run.train / "metrics.jsonl", eval_dir / "loss_curve.png")
     comparison_chart(report, eval_dir / "comparison.png")
     write_atomic(eval_dir / "report.json", json.dumps(report, indent=2))

@@ -122,6 +122,33 @@ def test_eval_stage_scores_student_and_teacher(tiny_run, train_run, tiny_spec, m
     assert "| vLLM engine dtype | float32 | float32 |" in md
 
 
+def test_eval_scores_the_students_own_samples_with_the_teacher(tiny_run, train_run, tiny_spec, model_paths):
+    """The own-sample figures recomputed with transformers from the recorded samples: both models' log-probs of each token."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = tiny_run[2]["stages"]["eval"]["outputs"]
+    own = out["own_samples"]
+    rows = [json.loads(l) for l in (Path(out["report"]).parent / "own_samples.jsonl").read_text().splitlines()]
+    assert own["prompts"] == len(rows) == min(tiny_spec.eval.own_samples, json.loads(Path(out["report"]).read_text())["eval_sequences"])
+    assert own["tokens"] == sum(len(r["response_ids"]) for r in rows) > 0
+    assert all(0 < len(r["response_ids"]) <= tiny_spec.eval.own_sample_tokens for r in rows)
+    models = {w: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval() for w, p in (("student", train_run["student_dir"]), ("teacher", model_paths[0]))}
+    lq, lp = [], []
+    for r in rows:
+        ids = torch.tensor([r["prompt_ids"] + r["response_ids"]])
+        start = len(r["prompt_ids"])
+        for who, acc in (("student", lq), ("teacher", lp)):
+            with torch.no_grad():
+                logp = torch.log_softmax(models[who](ids).logits[0].double(), -1)
+            acc += logp[start - 1 : -1].gather(-1, ids[0, start:, None]).squeeze(-1).tolist()
+        assert r["response_logprobs"] == pytest.approx(lq[-len(r["response_ids"]):], abs=1e-3)
+        assert r["teacher_logprobs"] == pytest.approx(lp[-len(r["response_ids"]):], abs=1e-3)
+    assert own["reverse_kl"] == pytest.approx(float(np.mean(np.array(lq) - np.array(lp))), abs=1e-3)
+    assert own["teacher_nll"] == pytest.approx(-float(np.mean(lp)), abs=1e-3)
+    assert "On the student's own samples" in (Path(out["report"]).parent / "report.md").read_text()
+
+
 def test_teacher_stage_records_the_engine_dtype(teacher_run):
     assert (teacher_run["engine_dtype"]["dtype"], teacher_run["engine_dtype"]["source"]) == ("float32", "explicit")
 
