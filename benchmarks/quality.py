@@ -11,11 +11,19 @@ same held-out split by the project's eval stage:
     (d) rkl      reverse KL
     (e) jsd      JSD (distill.jsd_beta)
     (f) fkl+ce   forward KL mixed with CE (--mix-ce)
+    (g) op-rkl   on-policy (GKD) reverse KL, every micro-batch a rollout (lmbda 1)
+    (h) op-mix   on-policy reverse KL, half rollouts, half offline signals (lmbda 0.5)
+    (i) op-srkl  on-policy sampled reverse KL (the per-token estimator at the sampled token), lmbda 1
     teacher      the teacher scored against its own signals: the ceiling
 
-Figures per variant: held-out KL to the teacher (sparse, with tail), perplexity on the teacher's
-responses, top-1 agreement. ``best_kd_gap_closed`` = (KL_init - KL_best) / (KL_init - KL_teacher)
-over (c)-(f); ``best_kd_beats_sft`` = KL_best < KL_sft.
+Figures per variant: held-out KL to the teacher on the teacher's text (sparse, with tail),
+perplexity on the teacher's responses, top-1 agreement, and on the student's own samples of
+the held-out prompts the reverse KL to the teacher and the teacher's NLL (eval.own_samples).
+``best_kd_gap_closed`` = (KL_init - KL_best) / (KL_init - KL_teacher) over (c)-(f);
+``best_kd_beats_sft`` = KL_best < KL_sft; ``onpolicy_over_offline_sample_rkl`` = the best
+on-policy variant's own-sample reverse KL over the best offline variant's (target <= 0.9).
+Trained variants run ``--seeds`` times (train.seed and distill.on_policy.seed); the table shows
+the mean and each seed's value.
 
     .venv/bin/python benchmarks/quality.py --json quality.json \\
         [--spec configs/quickstart.yaml] [--signals runs/quickstart/signals] [--steps 40]
@@ -39,6 +47,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 KD_VARIANTS = ("fkl", "rkl", "jsd", "fkl+ce")
+OFFLINE_VARIANTS = ("sft", *KD_VARIANTS)
+ON_POLICY_VARIANTS = ("op-rkl", "op-mix", "op-srkl")
+SCORES = ("kl_to_teacher", "perplexity", "nll", "top1_agreement", "sample_reverse_kl", "sample_teacher_nll")
 
 
 def variants(mix_ce: float) -> dict[str, dict | None]:
@@ -50,18 +61,46 @@ def variants(mix_ce: float) -> dict[str, dict | None]:
         "rkl": {"loss": "reverse_kl", "ce_weight": 0.0},
         "jsd": {"loss": "jsd", "ce_weight": 0.0},
         "fkl+ce": {"loss": "forward_kl", "ce_weight": mix_ce},
+        "op-rkl": {"mode": "on_policy", "loss": "reverse_kl", "ce_weight": 0.0, "on_policy": {"lmbda": 1.0}},
+        "op-mix": {"mode": "on_policy", "loss": "reverse_kl", "ce_weight": 0.0, "on_policy": {"lmbda": 0.5}},
+        "op-srkl": {"mode": "on_policy", "loss": "sampled_reverse_kl", "ce_weight": 0.0, "on_policy": {"lmbda": 1.0}},
     }
 
 
 def _scores(report_file: Path) -> dict:
     report = json.loads(report_file.read_text())
+    own = report.get("own_samples") or {}
     return {
         "kl_to_teacher": report["kl_to_teacher"],
         "perplexity": report["student"]["perplexity"],
         "nll": report["student"]["nll"],
         "top1_agreement": report["top1_agreement"],
         "eval_tokens": report["eval_tokens"],
+        "sample_reverse_kl": own.get("reverse_kl"),
+        "sample_teacher_nll": own.get("teacher_nll"),
+        "sample_tokens": own.get("tokens"),
     }
+
+
+def mean_over_seeds(per_seed: list[dict]) -> dict:
+    """Each score's mean over the seeds, plus the per-seed values under ``seeds``."""
+    out = dict(per_seed[0])
+    for key in SCORES:
+        values = [r[key] for r in per_seed if r.get(key) is not None]
+        out[key] = sum(values) / len(values) if values else None
+    out["seeds"] = [{k: r.get(k) for k in (*SCORES, "train_seconds", "seed")} for r in per_seed]
+    return out
+
+
+def onpolicy_figures(rows: dict[str, dict]) -> dict:
+    """Best on-policy vs best offline variant on the reverse KL of the student's own samples."""
+    rkl = {n: r["sample_reverse_kl"] for n, r in rows.items() if r.get("sample_reverse_kl") is not None}
+    on = [n for n in ON_POLICY_VARIANTS if n in rkl]
+    off = [n for n in OFFLINE_VARIANTS if n in rkl]
+    if not on or not off:
+        return {}
+    best_on, best_off = min(on, key=rkl.get), min(off, key=rkl.get)
+    return {"best_on_policy": best_on, "best_offline": best_off, "onpolicy_over_offline_sample_rkl": rkl[best_on] / rkl[best_off]}
 
 
 def gap_figures(rows: dict[str, dict]) -> dict:
@@ -85,6 +124,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per variant (default: the spec's train.max_steps)")
     parser.add_argument("--mix-ce", type=float, default=0.5, help="ce_weight of the fkl+ce variant")
     parser.add_argument("--only", help="comma-separated subset of variants (the headline figures need all)")
+    parser.add_argument("--seeds", type=int, default=2, help="runs per trained variant, seeds 0..N-1")
     args = parser.parse_args()
 
     from raydistill.distill.init import prepare_student
@@ -96,6 +136,7 @@ def main() -> int:
     from raydistill.spec import load_spec
 
     overrides = ["eval.measure_speed=false", "eval.side_by_side=0", f"runtime.run_dir={args.out}"]
+    # eval.own_samples stays as the spec sets it (default 16): the own-sample reverse KL is a headline figure.
     if args.steps:
         overrides.append(f"train.max_steps={args.steps}")
     spec = load_spec(args.spec, overrides)
@@ -117,19 +158,25 @@ def main() -> int:
         chosen = {k: v for k, v in chosen.items() if k in args.only.split(",")}
     rows: dict[str, dict] = {}
     for name, distill_overrides in chosen.items():
-        run_dir = out / name.replace("+", "_")
-        t0 = time.perf_counter()
-        if distill_overrides is None:
-            student_dir = prepare_student(spec.student, teacher, None, RunDir(run_dir))
-        else:
-            for stale in ("checkpoints", "student", "train"):  # a fresh run, never a resume of an old one
-                shutil.rmtree(run_dir / stale, ignore_errors=True)
-            distill = spec.distill.model_copy(update=distill_overrides)
-            print(f"==> [{name}] training: {distill_overrides}", flush=True)
-            student_dir = run_train_stage(spec.train, distill, None, signals, RunDir(run_dir), student=spec.student, teacher_path=teacher)["student_dir"]
-        train_s = time.perf_counter() - t0
-        run_eval_stage(spec.eval, spec.train.max_seq_len, student_dir, teacher, signals, RunDir(run_dir), spec.teacher.engine_args, spec.teacher.cpu_engine_env())
-        rows[name] = {**(distill_overrides or {}), **_scores(run_dir / "eval" / "report.json"), "train_seconds": round(train_s, 1)}
+        per_seed = []
+        for seed in range(1 if distill_overrides is None else args.seeds):
+            run_dir = out / name.replace("+", "_") / f"seed{seed}"
+            t0 = time.perf_counter()
+            if distill_overrides is None:
+                student_dir = prepare_student(spec.student, teacher, None, RunDir(run_dir))
+            else:
+                for stale in ("checkpoints", "student", "train", "signals"):  # a fresh run, never a resume of an old one
+                    shutil.rmtree(run_dir / stale, ignore_errors=True)
+                distill = spec.distill.model_validate({**spec.distill.model_dump(), **distill_overrides,
+                                                       "on_policy": {**spec.distill.on_policy.model_dump(), **distill_overrides.get("on_policy", {}), "seed": seed}})
+                print(f"==> [{name} seed {seed}] training: {distill_overrides}", flush=True)
+                student_dir = run_train_stage(spec.train.model_copy(update={"seed": seed}), distill, None, signals, RunDir(run_dir),
+                                              student=spec.student, teacher_path=teacher, teacher=spec.teacher,
+                                              teacher_pass=spec.teacher_pass)["student_dir"]
+            train_s = time.perf_counter() - t0
+            run_eval_stage(spec.eval, spec.train.max_seq_len, student_dir, teacher, signals, RunDir(run_dir), spec.teacher.engine_args, spec.teacher.cpu_engine_env())
+            per_seed.append({**(distill_overrides or {}), **_scores(run_dir / "eval" / "report.json"), "train_seconds": round(train_s, 1), "seed": seed})
+        rows[name] = mean_over_seeds(per_seed)
         print(f"==> [{name}] {rows[name]}", flush=True)
 
     # The ceiling: the teacher (transformers) scored against its own stored signals (vLLM).
@@ -147,13 +194,20 @@ def main() -> int:
     }
     if all(v in rows for v in ("init", "sft", *KD_VARIANTS)):
         figures.update(gap_figures(rows))
+    figures.update(onpolicy_figures(rows))
     Path(args.json).write_text(json.dumps(figures, indent=2))
 
-    print(f"\n{'variant':<9} {'KL to teacher':>14} {'perplexity':>11} {'top-1 agree':>12}")
+    def fmt(x, spec_):
+        return format(x, spec_) if x is not None else "-"
+
+    print(f"\n{'variant':<9} {'KL to teacher':>14} {'perplexity':>11} {'top-1 agree':>12} {'own-sample rKL':>15} {'per seed':>20}")
     for name, row in rows.items():
-        print(f"{name:<9} {row['kl_to_teacher']:>14.4f} {row['perplexity']:>11.2f} {row['top1_agreement']:>12.1%}")
-    if "best_kd" in figures:
-        print(json.dumps({k: figures[k] for k in ("best_kd", "best_kd_gap_closed", "best_kd_beats_sft")}))
+        seeds = " / ".join(fmt(s["sample_reverse_kl"], ".3f") for s in row.get("seeds", []))
+        print(f"{name:<9} {row['kl_to_teacher']:>14.4f} {row['perplexity']:>11.2f} {row['top1_agreement']:>12.1%} "
+              f"{fmt(row['sample_reverse_kl'], '.4f'):>15} {seeds:>20}")
+    headline = [k for k in ("best_kd", "best_kd_gap_closed", "best_kd_beats_sft", "best_on_policy", "best_offline",
+                            "onpolicy_over_offline_sample_rkl") if k in figures]
+    print(json.dumps({k: figures[k] for k in headline}))
     ray.shutdown()
     return 0
 

@@ -344,9 +344,13 @@ class MetricsLog:
                     self.tb.add_scalar(f"train/{key}", record[key], record["step"])
             self.tb.flush()
         gn = record["grad_norm"]
+        phases = ""
+        if "train_s" in record:  # on-policy: the seconds of each phase of this step
+            phases = (f" | {record['rollouts']} rollouts (policy v{record['policy_version']})" if record["rollouts"] else " | offline") + \
+                "".join(f" {p[:-2]} {record[p]:.1f}s" for p in ("rollout_s", "score_s", "train_s", "sync_s"))
         print(
             f"[train] step {record['step']}/{self.total} loss {record['loss']:.4f} (kd {record['kd']:.4f}, ce {record['ce']:.4f}) "
-            f"lr {record['lr']:.2e} grad_norm {'-' if gn is None else f'{gn:.3f}'} {record['tokens_per_s']:.0f} tok/s",
+            f"lr {record['lr']:.2e} grad_norm {'-' if gn is None else f'{gn:.3f}'} {record['tokens_per_s']:.0f} tok/s{phases}",
             flush=True,
         )
 

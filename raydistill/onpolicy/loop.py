@@ -192,18 +192,31 @@ class OnPolicySource:
 
 
 def full_state_dict(engine, rank: int) -> dict | None:
-    """Rank 0 gets the student's full float32 weights on CPU; other ranks None. Under ZeRO-3 all ranks gather."""
+    """Rank 0 gets the student's full float32 weights on CPU; other ranks None. Under ZeRO-3 all ranks gather.
+
+    A tied LM head is left out: it is the embedding, which vLLM loads it from (the rollout engine
+    repacks it), so the largest tensor of a big-vocabulary student travels once, not twice.
+    """
     import torch
 
     model = engine.module
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = head is not None and head.weight is emb.weight
+
+    def copy() -> dict:
+        state = {k: v.detach().to("cpu", torch.float32).clone() for k, v in model.state_dict().items()}
+        if tied:
+            state.pop("lm_head.weight", None)
+        return state
+
     if engine.zero_optimization_stage() == 3:
         import deepspeed
 
         # Gathers every partitioned parameter for the duration of the block (a collective);
         # state_dict then reads the full tensors.
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-            return {k: v.detach().to("cpu", torch.float32).clone() for k, v in model.state_dict().items()} if rank == 0 else None
-    return {k: v.detach().to("cpu", torch.float32).clone() for k, v in model.state_dict().items()} if rank == 0 else None
+            return copy() if rank == 0 else None
+    return copy() if rank == 0 else None
 
 
 def _cycle(shard, batch_size: int):
@@ -218,13 +231,16 @@ def summarize(history: list[dict], shard_dir: Path, sync_every: int) -> dict:
 
     on = [h for h in history if h.get("rollouts")]
     phases = {p: round(sum(h.get(p, 0.0) for h in history), 3) for p in PHASES + ("train_s",)}
-    versions = [h["policy_version"] for h in on]
+    # Counted from the shards, which hold every rank's rollouts (the history is rank 0's).
+    table = load_rollouts(shard_dir)
+    versions = table["policy_version"].to_pylist() if table is not None else []
+    steps = table["step"].to_pylist() if table is not None else []
     out = {
         "rollout_dir": str(shard_dir),
-        "rollouts": sum(h["rollouts"] for h in on),
+        "rollouts": len(versions),
         "on_policy_steps": len(on),
         "policy_versions": sorted(set(versions)),
-        "max_staleness": max((h["step"] - 1 - h["policy_version"] for h in on), default=0),
+        "max_staleness": max((s - 1 - v for s, v in zip(steps, versions)), default=0),
         "sync_every": sync_every,
         "phase_seconds": phases,
     }

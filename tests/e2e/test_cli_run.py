@@ -108,3 +108,39 @@ def test_a_second_run_on_the_same_directory_fails_at_once(run_copy, run_cli, run
     holder = run_lock_holder(run_dir)
     proc = run_cli([*_with_run_dir(args, run_dir), "--force", "eval"], timeout=120)
     assert proc.returncode == 1 and f"is in use by another raydistill run (pid {holder.pid} " in proc.stderr, proc.stderr
+
+
+ON_POLICY = ["distill.mode=on_policy", "distill.loss=reverse_kl", "distill.on_policy.lmbda=0.5", "distill.on_policy.max_tokens=16",
+             "distill.on_policy.sync_every=2"]
+
+
+def test_on_policy_run_records_rollouts_policy_versions_and_phase_times(run_copy, run_cli, tiny_spec):
+    """GKD on the tiny job: the teacher pass is reused; training mixes rollouts (seeded plan: steps 2, 5, 6 of 6) with offline batches."""
+    from raydistill.onpolicy.loop import load_rollouts, on_policy_plan
+
+    args, run_dir = run_copy
+    proc = run_cli([*_with_run_dir(args, run_dir), *(x for o in ON_POLICY for x in ("--set", o))], timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "==> [teacher] starting" not in proc.stdout and "==> [train] succeeded" in proc.stdout
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert all(manifest["stages"][s]["status"] == "succeeded" for s in ("teacher", "train", "eval", "serve-check"))
+    out = manifest["stages"]["train"]["outputs"]["on_policy"]
+    steps = tiny_spec.train.max_steps
+    on_steps = [s for s in range(1, steps + 1) if on_policy_plan(0, 0.5, s, 1)[0]]
+    assert 0 < len(on_steps) < steps and out["on_policy_steps"] == len(on_steps)
+    assert out["max_staleness"] < 2 and out["sync_every"] == 2
+    assert all(out["phase_seconds"][p] > 0 for p in ("rollout_s", "score_s", "sync_s", "train_s"))
+
+    rollouts = load_rollouts(run_dir / "signals" / "on_policy")
+    assert rollouts.num_rows == out["rollouts"] > 0
+    assert sorted(set(rollouts["step"].to_pylist())) == on_steps
+    # Each rollout was sampled by the weights of the last sync before its step: at most sync_every steps stale.
+    for step, version in zip(rollouts["step"].to_pylist(), rollouts["policy_version"].to_pylist()):
+        assert version == 2 * ((step - 1) // 2) and 0 <= step - 1 - version < 2
+    assert sorted(set(rollouts["policy_version"].to_pylist())) == out["policy_versions"]
+    for ids, start, topk, tl in zip(*(rollouts[c].to_pylist() for c in ("input_ids", "target_start", "topk_ids", "target_logprob"))):
+        assert 0 < len(ids) - start <= 16 and len(topk) == len(tl) == len(ids) - start
+    metrics = [json.loads(l) for l in (run_dir / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if m["rollouts"]] == on_steps
+    # The offline signals are untouched and still read without the rollouts.
+    assert len(load_signals(run_dir / "signals", columns=["id"])) == manifest["stages"]["teacher"]["outputs"]["rows"]

@@ -56,12 +56,15 @@ def test_rollout_rows_collate_with_the_teachers_logprob_of_each_sampled_token(tm
 
 
 def test_summary_reports_staleness_and_phase_times(tmp_path):
+    prompts, rollouts, scores = _rollouts()
+    write_shard(str(tmp_path), rollout_rows(prompts, rollouts, scores, step=5, micro=0, rank=0), "a")
+    write_shard(str(tmp_path), rollout_rows(prompts, [{**r, "policy_version": 2} for r in rollouts], scores, step=3, micro=0, rank=1), "b")
     history = [
         {"step": 1, "rollouts": 4, "policy_version": 0, "rollout_s": 1.0, "score_s": 0.5, "sync_s": 0.0, "train_s": 2.0},
         {"step": 2, "rollouts": 0, "policy_version": None, "rollout_s": 0.0, "score_s": 0.0, "sync_s": 0.2, "train_s": 2.0},
         {"step": 3, "rollouts": 4, "policy_version": 2, "rollout_s": 1.0, "score_s": 0.5, "sync_s": 0.0, "train_s": 2.0},
     ]
     out = summarize(history, tmp_path, sync_every=2)
-    assert out["rollouts"] == 8 and out["policy_versions"] == [0, 2] and out["max_staleness"] == 0
+    assert out["rollouts"] == 4 and out["policy_versions"] == [2, 4] and out["max_staleness"] == 0
     assert out["phase_seconds"] == {"rollout_s": 2.0, "score_s": 1.0, "sync_s": 0.2, "train_s": 6.0}
     assert json.loads((tmp_path / ROLLOUTS_META).read_text()) == out
