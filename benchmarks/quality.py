@@ -88,7 +88,7 @@ def mean_over_seeds(per_seed: list[dict]) -> dict:
     for key in SCORES:
         values = [r[key] for r in per_seed if r.get(key) is not None]
         out[key] = sum(values) / len(values) if values else None
-    out["seeds"] = [{k: r.get(k) for k in (*SCORES, "train_seconds", "seed")} for r in per_seed]
+    out["seeds"] = [{k: r.get(k) for k in (*SCORES, "train_seconds", "seed", "on_policy_phases") if k in r} for r in per_seed]
     return out
 
 
@@ -125,6 +125,7 @@ def main() -> int:
     parser.add_argument("--mix-ce", type=float, default=0.5, help="ce_weight of the fkl+ce variant")
     parser.add_argument("--only", help="comma-separated subset of variants (the headline figures need all)")
     parser.add_argument("--seeds", type=int, default=2, help="runs per trained variant, seeds 0..N-1")
+    parser.add_argument("--own-samples", type=int, default=16, help="held-out prompts the student samples from in the eval (eval.own_samples)")
     args = parser.parse_args()
 
     from raydistill.distill.init import prepare_student
@@ -135,8 +136,8 @@ def main() -> int:
     from raydistill.models import resolve_model
     from raydistill.spec import load_spec
 
-    overrides = ["eval.measure_speed=false", "eval.side_by_side=0", f"runtime.run_dir={args.out}"]
-    # eval.own_samples stays as the spec sets it (default 16): the own-sample reverse KL is a headline figure.
+    # The own-sample reverse KL is a headline figure, so the eval samples even where the spec turns it off.
+    overrides = ["eval.measure_speed=false", "eval.side_by_side=0", f"eval.own_samples={args.own_samples}", f"runtime.run_dir={args.out}"]
     if args.steps:
         overrides.append(f"train.max_steps={args.steps}")
     spec = load_spec(args.spec, overrides)
@@ -170,12 +171,15 @@ def main() -> int:
                 distill = spec.distill.model_validate({**spec.distill.model_dump(), **distill_overrides,
                                                        "on_policy": {**spec.distill.on_policy.model_dump(), **distill_overrides.get("on_policy", {}), "seed": seed}})
                 print(f"==> [{name} seed {seed}] training: {distill_overrides}", flush=True)
-                student_dir = run_train_stage(spec.train.model_copy(update={"seed": seed}), distill, None, signals, RunDir(run_dir),
-                                              student=spec.student, teacher_path=teacher, teacher=spec.teacher,
-                                              teacher_pass=spec.teacher_pass)["student_dir"]
+                trained = run_train_stage(spec.train.model_copy(update={"seed": seed}), distill, None, signals, RunDir(run_dir),
+                                          student=spec.student, teacher_path=teacher, teacher=spec.teacher, teacher_pass=spec.teacher_pass)
+                student_dir = trained["student_dir"]
             train_s = time.perf_counter() - t0
             run_eval_stage(spec.eval, spec.train.max_seq_len, student_dir, teacher, signals, RunDir(run_dir), spec.teacher.engine_args, spec.teacher.cpu_engine_env())
-            per_seed.append({**(distill_overrides or {}), **_scores(run_dir / "eval" / "report.json"), "train_seconds": round(train_s, 1), "seed": seed})
+            phases = {k: trained["on_policy"][k] for k in ("rollout_tokens_per_s", "score_tokens_per_s", "sync_s_per_sync", "phase_seconds")} \
+                if distill_overrides and "on_policy" in trained else {}
+            per_seed.append({**(distill_overrides or {}), **_scores(run_dir / "eval" / "report.json"), "train_seconds": round(train_s, 1),
+                             "seed": seed, **({"on_policy_phases": phases} if phases else {})})
         rows[name] = mean_over_seeds(per_seed)
         print(f"==> [{name}] {rows[name]}", flush=True)
 
@@ -205,6 +209,12 @@ def main() -> int:
         seeds = " / ".join(fmt(s["sample_reverse_kl"], ".3f") for s in row.get("seeds", []))
         print(f"{name:<9} {row['kl_to_teacher']:>14.4f} {row['perplexity']:>11.2f} {row['top1_agreement']:>12.1%} "
               f"{fmt(row['sample_reverse_kl'], '.4f'):>15} {seeds:>20}")
+    for name, row in rows.items():
+        for s in row.get("seeds", []):
+            if ph := s.get("on_policy_phases"):
+                sync = "-" if ph["sync_s_per_sync"] is None else f"{ph['sync_s_per_sync']:.2f}"
+                print(f"{name} seed {s['seed']}: rollout {ph['rollout_tokens_per_s']:.0f} tok/s, scoring {ph['score_tokens_per_s']:.0f} tok/s, "
+                      f"sync {sync} s each; seconds per phase {ph['phase_seconds']}")
     headline = [k for k in ("best_kd", "best_kd_gap_closed", "best_kd_beats_sft", "best_on_policy", "best_offline",
                             "onpolicy_over_offline_sample_rkl") if k in figures]
     print(json.dumps({k: figures[k] for k in headline}))

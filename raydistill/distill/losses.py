@@ -88,18 +88,50 @@ def _student_tail_logprob(z: torch.Tensor, log_z: torch.Tensor, top: torch.Tenso
     return tail.clamp_min(_MIN_TAIL_LOGPROB)
 
 
-def _student_parts(logits: torch.Tensor, topk_ids: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[N, V] logits, [N, K] ids -> ([N, K+1] folded student log-probs at ``temperature``, z, log_z).
+class _LogSoftmaxAt(torch.autograd.Function):
+    """log_softmax(z) read at ``idx`` ([N, V], [N, J] -> [N, J]), plus logsumexp(z) [N, 1], without a dense log_softmax.
+
+    Autograd of ``z.gather(idx) - logsumexp(z)`` builds the gradient in about eight passes over
+    the [N, V] logits (logsumexp's backward subtracts, exponentiates and multiplies; each gather's
+    backward fills a dense zero tensor and scatters into it; the pieces are then added), which made
+    the KD loss several times the cost of a fused cross-entropy. Here it is one: softmax(z) times
+    the log_z coefficient, computed in place, plus a sparse scatter of the J gathered gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, z, idx):
+        log_z = torch.logsumexp(z, dim=-1, keepdim=True)
+        ctx.save_for_backward(z, idx, log_z)
+        return z.gather(-1, idx) - log_z, log_z
+
+    @staticmethod
+    def backward(ctx, g_at, g_log_z):
+        z, idx, log_z = ctx.saved_tensors
+        # d/dz_v of (z[idx_j] - log_z) is 1[v = idx_j] - softmax_v; of log_z it is softmax_v.
+        coef = -g_at.sum(-1, keepdim=True)
+        if g_log_z is not None:
+            coef = coef + g_log_z
+        grad = torch.sub(z, log_z).exp_().mul_(coef)
+        return grad.scatter_add_(-1, idx, g_at), None
+
+
+def _student_parts(logits: torch.Tensor, topk_ids: torch.Tensor, temperature: float,
+                   targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """[N, V] logits, [N, K] ids -> ([N, K+1] folded student log-probs at ``temperature``, z, log_z, log q(target)).
 
     ``z`` [N, V] are the float32 logits divided by the temperature and ``log_z`` [N, 1] their
-    logsumexp; at T=1 the CE term reuses both instead of another pass over the vocabulary.
+    logsumexp. With ``targets`` [N], their log-probs at ``temperature`` come from the same pass
+    (the CE term at T=1 and the sampled reverse KL reuse it); otherwise the last item is None.
     """
     z = logits.float()
     if temperature != 1.0:
         z = z / temperature
-    log_z = torch.logsumexp(z, dim=-1, keepdim=True)
-    top = z.gather(-1, topk_ids) - log_z
-    return torch.cat([top, _student_tail_logprob(z, log_z, top, topk_ids)], dim=-1), z, log_z
+    idx = topk_ids if targets is None else torch.cat([topk_ids, targets.unsqueeze(-1)], dim=-1)
+    at, log_z = _LogSoftmaxAt.apply(z, idx)
+    k = topk_ids.shape[-1]
+    top = at[:, :k]
+    folded = torch.cat([top, _student_tail_logprob(z, log_z, top, topk_ids)], dim=-1)
+    return folded, z, log_z, (at[:, k] if targets is not None else None)
 
 
 def _folded_student_logprobs(logits: torch.Tensor, topk_ids: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -346,16 +378,14 @@ def distill_token_losses(
         params.pop("estimator", None)
     if loss not in _FOLDED and loss != SAMPLED_LOSS:
         raise ValueError(f"unknown loss {loss!r}; choose one of {sorted(LOSSES) + [SAMPLED_LOSS]}")
-    log_q, z, log_z = _student_parts(logits, topk_ids, temperature)
+    log_q, z, log_z, log_q_target = _student_parts(logits, topk_ids, temperature, targets)
     if loss == SAMPLED_LOSS:
-        # The folded parts already hold the logsumexp; the sampled token's log-prob reuses it.
-        log_q_x = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_z.squeeze(-1)
-        kd = _sampled_reverse_kl(log_q_x, target_logprob.float(), params.get("estimator", "pg")) * temperature**2
+        kd = _sampled_reverse_kl(log_q_target, target_logprob.float(), params.get("estimator", "pg")) * temperature**2
     else:
         kd = _divergence(loss, log_q, topk_logprobs, temperature, params)
     if temperature == 1.0:
         # The KD term's logsumexp is the CE's too: one pass over the vocabulary, not two.
-        ce = (log_z.squeeze(-1) - z.gather(-1, targets.unsqueeze(-1)).squeeze(-1))
+        ce = -log_q_target
     else:
         ce = cross_entropy(logits, targets)
     return (1.0 - ce_weight) * kd + ce_weight * ce, kd, ce

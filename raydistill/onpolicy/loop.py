@@ -219,6 +219,12 @@ def full_state_dict(engine, rank: int) -> dict | None:
     return copy() if rank == 0 else None
 
 
+def _list_lengths(column) -> list[int]:
+    import pyarrow.compute as pc
+
+    return pc.list_value_length(column).to_pylist()
+
+
 def _cycle(shard, batch_size: int):
     while True:
         for rows in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
@@ -235,6 +241,11 @@ def summarize(history: list[dict], shard_dir: Path, sync_every: int) -> dict:
     table = load_rollouts(shard_dir)
     versions = table["policy_version"].to_pylist() if table is not None else []
     steps = table["step"].to_pylist() if table is not None else []
+    tokens = 0
+    if table is not None:
+        lengths = np.asarray(_list_lengths(table["input_ids"]))
+        tokens = int((lengths - np.asarray(table["target_start"].to_pylist())).sum())
+    syncs = max(0, (len(history) - 1) // sync_every)  # after every sync_every-th step but the last
     out = {
         "rollout_dir": str(shard_dir),
         "rollouts": len(versions),
@@ -243,6 +254,11 @@ def summarize(history: list[dict], shard_dir: Path, sync_every: int) -> dict:
         "max_staleness": max((s - 1 - v for s, v in zip(steps, versions)), default=0),
         "sync_every": sync_every,
         "phase_seconds": phases,
+        "response_tokens": tokens,
+        # Phase seconds are rank 0's wall time; every rank rolls out and scores in the same phase.
+        "rollout_tokens_per_s": tokens / phases["rollout_s"] if phases["rollout_s"] else None,
+        "score_tokens_per_s": tokens / phases["score_s"] if phases["score_s"] else None,
+        "sync_s_per_sync": phases["sync_s"] / syncs if syncs else None,
     }
     shard_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(shard_dir / ROLLOUTS_META, json.dumps(out, indent=2))
