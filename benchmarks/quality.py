@@ -144,6 +144,7 @@ def main() -> int:
     out = Path(spec.runtime.run_dir)
     out.mkdir(parents=True, exist_ok=True)
     teacher = resolve_model(spec.teacher.model)
+    student_model = resolve_model(spec.student.model) if spec.student.model else None  # the start of init 'pretrained'
     init_ray(spec.runtime)
 
     if args.signals:
@@ -164,14 +165,14 @@ def main() -> int:
             run_dir = out / name.replace("+", "_") / f"seed{seed}"
             t0 = time.perf_counter()
             if distill_overrides is None:
-                student_dir = prepare_student(spec.student, teacher, None, RunDir(run_dir))
+                student_dir = prepare_student(spec.student, teacher, student_model, RunDir(run_dir))
             else:
                 for stale in ("checkpoints", "student", "train", "signals"):  # a fresh run, never a resume of an old one
                     shutil.rmtree(run_dir / stale, ignore_errors=True)
                 distill = spec.distill.model_validate({**spec.distill.model_dump(), **distill_overrides,
                                                        "on_policy": {**spec.distill.on_policy.model_dump(), **distill_overrides.get("on_policy", {}), "seed": seed}})
                 print(f"==> [{name} seed {seed}] training: {distill_overrides}", flush=True)
-                trained = run_train_stage(spec.train.model_copy(update={"seed": seed}), distill, None, signals, RunDir(run_dir),
+                trained = run_train_stage(spec.train.model_copy(update={"seed": seed}), distill, student_model, signals, RunDir(run_dir),
                                           student=spec.student, teacher_path=teacher, teacher=spec.teacher, teacher_pass=spec.teacher_pass)
                 student_dir = trained["student_dir"]
             train_s = time.perf_counter() - t0
