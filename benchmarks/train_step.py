@@ -11,7 +11,12 @@
    from getrusage (CPU) or torch.cuda.max_memory_allocated (GPU).
    Figures: ``loss_memory_ratio`` = fused / naive, ``loss_time_ratio`` = fused / naive, and the
    same for the checkpointed path (``checkpointed_memory_ratio``, ``checkpointed_time_ratio``).
-3. Data-parallel scaling: the real train stage (Ray Train + DeepSpeed ZeRO-2, the trainer's own
+3. Loss kernels: forward + backward of the per-token loss alone on one chunk of logits
+   ([chunk, V]): fused CE (``F.cross_entropy``), the KD + CE loss as the trainer runs it, and the
+   same loss with the student's log-softmax at the top-k ids built from plain autograd
+   (``z.gather(ids) - logsumexp(z)``, the implementation before ``_LogSoftmaxAt``).
+   Figures: ``kd_loss_over_ce_loss`` and ``autograd_over_fused_logsoftmax``.
+4. Data-parallel scaling: the real train stage (Ray Train + DeepSpeed ZeRO-2, the trainer's own
    loop) on the same synthetic signals with 1 and then 2 workers, each worker taking its share of
    the host's cores. Global tokens/s is the median over the steps after the first two.
    Figure: ``workers_2_over_1`` = tokens/s with 2 workers / with 1.
@@ -99,6 +104,47 @@ def throughput(args) -> dict:
         "kd_ce_tokens_per_s": out["kd_ce"],
         "kd_over_ce_ratio": out["kd_ce"] / out["ce"],
     }
+
+
+def loss_kernels(args) -> dict:
+    """Median milliseconds of loss forward+backward on one [chunk, V] block of logits, three ways, alternated."""
+    from raydistill.distill import losses
+
+    gen = torch.Generator().manual_seed(1)
+    n, vocab = args.chunk_tokens, args.tp_vocab
+    logits = torch.randn(n, vocab, generator=gen, requires_grad=True)
+    targets = torch.randint(0, vocab, (n,), generator=gen)
+    topk_ids, topk_lp = fake_teacher(n, vocab, args.k, gen)
+    fused = losses._LogSoftmaxAt.apply
+
+    def autograd_at(z, idx):  # the composition autograd differentiates pass by pass
+        log_z = torch.logsumexp(z, dim=-1, keepdim=True)
+        return z.gather(-1, idx) - log_z, log_z
+
+    def kd(at):
+        def run():
+            losses._LogSoftmaxAt.apply = at
+            try:
+                total, _, _ = distill_token_losses(logits, targets, topk_ids, topk_lp, "forward_kl", 0.1)
+                torch.autograd.grad(total.sum(), logits)
+            finally:
+                losses._LogSoftmaxAt.apply = fused
+        return run
+
+    def ce():
+        torch.autograd.grad(cross_entropy(logits, targets).sum(), logits)
+
+    runs = {"ce": ce, "kd_fused": kd(fused), "kd_autograd": kd(autograd_at)}
+    times = {name: [] for name in runs}
+    for rep in range(args.kernel_repeats + 2):
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            if rep >= 2:  # two warm-up rounds
+                times[name].append(time.perf_counter() - t0)
+    ms = {name: 1e3 * sorted(v)[len(v) // 2] for name, v in times.items()}
+    return {"chunk_tokens": n, "vocab": vocab, "top_k": args.k, "median_ms": ms,
+            "kd_loss_over_ce_loss": ms["kd_fused"] / ms["ce"], "autograd_over_fused_logsoftmax": ms["kd_autograd"] / ms["kd_fused"]}
 
 
 def _scaling_student(root: Path, args) -> str:
@@ -247,6 +293,8 @@ def main(argv=None) -> int:
     p.add_argument("--mem-hidden", type=int, default=640)
     p.add_argument("--chunk-tokens", type=int, default=1024 // 8)
     p.add_argument("--skip-throughput", action="store_true")
+    p.add_argument("--skip-kernels", action="store_true")
+    p.add_argument("--kernel-repeats", type=int, default=20, help="timed rounds of the loss-kernel comparison")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--skip-workers", action="store_true")
     p.add_argument("--scaling-steps", type=int, default=8, help="optimizer steps per worker count in the scaling run")
@@ -265,6 +313,9 @@ def main(argv=None) -> int:
         figures["throughput"] = throughput(args)
         figures["kd_over_ce_ratio"] = figures["throughput"]["kd_over_ce_ratio"]
         print(json.dumps(figures["throughput"], indent=2), flush=True)
+    if not args.skip_kernels:
+        figures["loss_kernels"] = loss_kernels(args)
+        print(json.dumps(figures["loss_kernels"], indent=2), flush=True)
     if not args.skip_memory:
         figures["loss_memory"] = loss_memory(args)
         figures["loss_memory_ratio"] = figures["loss_memory"]["loss_memory_ratio"]
