@@ -51,17 +51,25 @@ def _teacher(ctx: StageContext) -> dict:
 def _train(ctx: StageContext) -> dict:
     from raydistill.distill.train import run_train_stage
 
+    from raydistill.distill.model_card import write_model_card
+
     s = ctx.spec
-    return run_train_stage(s.train, s.distill, ctx.student_path, ctx.run.signals, ctx.run, student=s.student, teacher_path=ctx.teacher_path,
-                           teacher=s.teacher, teacher_pass=s.teacher_pass)
+    out = run_train_stage(s.train, s.distill, ctx.student_path, ctx.run.signals, ctx.run, student=s.student, teacher_path=ctx.teacher_path,
+                          teacher=s.teacher, teacher_pass=s.teacher_pass)
+    out["model_card"] = str(write_model_card(s, ctx.run, ctx.teacher_path))
+    return out
 
 
 def _eval(ctx: StageContext) -> dict:
     from raydistill.eval.stage import run_eval_stage
 
+    from raydistill.distill.model_card import write_model_card
+
     s = ctx.spec
-    return run_eval_stage(s.eval, s.train.max_seq_len, str(ctx.run.student), ctx.teacher_path, ctx.run.signals, ctx.run,
-                          s.teacher.engine_args, s.teacher.cpu_engine_env())
+    out = run_eval_stage(s.eval, s.train.max_seq_len, str(ctx.run.student), ctx.teacher_path, ctx.run.signals, ctx.run,
+                         s.teacher.engine_args, s.teacher.cpu_engine_env())
+    write_model_card(s, ctx.run, ctx.teacher_path)  # with the report's figures
+    return out
 
 
 def _serve_check(ctx: StageContext) -> dict:

@@ -96,6 +96,16 @@ def test_train_stage_exports_loadable_student(train_run, tiny_spec, model_paths)
     assert ds_config["zero_optimization"]["stage"] == 2
 
 
+def test_student_has_a_model_card_with_provenance_and_the_eval_figures(tiny_run, train_run, tiny_spec):
+    from raydistill.distill.model_card import front_matter
+
+    card = (Path(train_run["student_dir"]) / "README.md").read_text()
+    meta = front_matter(card)
+    assert meta["base_model"] == tiny_spec.teacher.model and meta["pipeline_tag"] == "text-generation" and meta["license"] == "other"
+    assert f"{tiny_spec.train.max_steps} optimizer steps" in card and f"`{tiny_spec.distill.loss}`" in card
+    assert "perplexity on the teacher's text" in card  # the eval stage rewrote it with the report's figures
+
+
 def test_eval_stage_scores_student_and_teacher(tiny_run, train_run, tiny_spec, model_paths, teacher_run):
     from transformers import AutoModelForCausalLM
 
