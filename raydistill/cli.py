@@ -213,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def with_set(p):
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec field, e.g. --set train.workers=1")
+        # Only the command line consents to remote code: a spec (or a run's spec.yaml) asking for it is refused without this.
+        p.add_argument("--trust-remote-code", action="store_true",
+                       help="allow engine_args trust_remote_code: true (runs Python code shipped with a model); a spec alone cannot")
         return p
 
     p = with_set(sub.add_parser("validate", help="check a job spec and list every problem"))
@@ -272,9 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from raydistill.engine_args import remote_code_consent
+
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with remote_code_consent(getattr(args, "trust_remote_code", False)):
+            return args.func(args)
     except SpecError as err:
         return _print_errors(err)
     except jobs.ClusterError as err:

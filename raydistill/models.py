@@ -40,6 +40,23 @@ def cache_dir() -> Path:
     return Path(os.environ.get("RAYDISTILL_CACHE", Path.home() / ".cache" / "raydistill"))
 
 
+def ships_code(model_dir: str) -> bool:
+    """Whether a model directory brings its own Python code (``auto_map`` in its config or tokenizer config).
+
+    Loading such a model runs that code, which transformers and vLLM do only with
+    ``trust_remote_code``; raydistill never passes it unless the command line says
+    ``--trust-remote-code`` (``raydistill.engine_args``).
+    """
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            raw = json.loads((Path(model_dir) / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(raw, dict) and raw.get("auto_map"):
+            return True
+    return False
+
+
 def resolve_model(ref: str) -> str:
     """Return a local directory for ``ref``, building a builtin model on first use."""
     if not is_builtin_model(ref):

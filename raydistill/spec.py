@@ -403,6 +403,18 @@ class EvalSpec(_Section):
     own_sample_tokens: int = Field(32, ge=1, description="Most tokens the student samples per prompt for `own_samples`.")
 
 
+def is_loopback_host(host: str) -> bool:
+    """Whether binding ``host`` keeps the app on this machine (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost may resolve to any interface
+
+
 class ServeSpec(_Section):
     host: str = Field("127.0.0.1", description="Interface the HTTP server binds; loopback unless you mean to expose it.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of the OpenAI-compatible app.")
@@ -424,9 +436,41 @@ class ServeSpec(_Section):
             "(replicas receive its SHA-256 digest)."
         ),
     )
+    allow_unauthenticated: bool = Field(
+        False,
+        description=(
+            "Serve on a non-loopback `host` without `api_key_env`, so anyone who reaches the port can use the models. "
+            "Off: such a spec is refused at validate."
+        ),
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Web origins (e.g. 'https://app.example.com', or '*') whose pages may call the API from a browser. Empty: "
+            "no CORS headers are sent, so no other web page can read the answers, even from 127.0.0.1."
+        ),
+    )
     max_tokens: int = Field(1024, ge=1, description="Largest max_tokens (or max_completion_tokens) a request may ask for; also the default when a chat request gives none.")
     max_prompt_chars: int = Field(32000, ge=1, description="Largest prompt a request may send, in characters (all prompts, or all message contents, together; a token id counts as one).")
     max_n: int = Field(4, ge=1, description="Largest n (completions per prompt) a request may ask for.")
+    max_body_bytes: int = Field(
+        1024 * 1024,
+        ge=1024,
+        description=(
+            "Largest request body in bytes, on every route; larger bodies get 413, at once from Content-Length, or as "
+            "soon as a body sent without one streams past it."
+        ),
+    )
+    extra_routes: list[Literal["embeddings", "score", "tokenize", "detokenize", "transcriptions"]] = Field(
+        default_factory=list,
+        description=(
+            "Routes of ray.serve.llm's OpenAI app that raydistill does not need, to switch on: 'embeddings' (/v1/embeddings), "
+            "'score' (/v1/score), 'tokenize' (/tokenize), 'detokenize' (/detokenize), 'transcriptions' "
+            "(/v1/audio/transcriptions). Off by default (404): only /v1/models, /v1/completions and /v1/chat/completions "
+            "answer, the routes whose requests serve.max_tokens, max_prompt_chars and max_n bound. Switched-on routes get the "
+            "API key and max_body_bytes only."
+        ),
+    )
     min_replicas: int = Field(1, ge=0, description="Fewest replicas per served model; 0 lets Serve scale an idle model to zero.")
     max_replicas: int = Field(1, ge=1, description="Most replicas per served model that Serve's autoscaler may start.")
     target_ongoing_requests: float = Field(8.0, gt=0, description="Ongoing requests per replica that Serve's autoscaler aims for.")
@@ -457,11 +501,22 @@ class ServeSpec(_Section):
             errors.append(error)
         if self.max_ongoing_requests < self.target_ongoing_requests:
             errors.append(f"max_ongoing_requests ({self.max_ongoing_requests}) is below target_ongoing_requests ({self.target_ongoing_requests})")
+        if not is_loopback_host(self.host) and self.api_key_env is None and not self.allow_unauthenticated:
+            errors.append(f"host: {self.host!r} exposes the app beyond this machine without an API key; set api_key_env (the name "
+                          "of an environment variable holding the key), or allow_unauthenticated: true to serve it open on purpose")
         if not self.replica_resources or any(v <= 0 for v in self.replica_resources.values()):
             errors.append(f"replica_resources ({self.replica_resources}) must name at least one resource, each above 0")
         if errors:
             raise ValueError("; ".join(errors))
         return self
+
+
+# What a job's working directory upload leaves out unless runtime.job_excludes says otherwise:
+# environments, history, run outputs and caches of models and packages, which are large and never code.
+DEFAULT_JOB_EXCLUDES = (
+    ".venv/", "venv/", ".git/", "runs/", "__pycache__/", "*.pyc", ".pytest_cache/", ".mypy_cache/", ".ruff_cache/",
+    ".cache/", "hf_cache/", ".hf_cache/", "huggingface/", "*.safetensors", "*.gguf", "*.bin", "*.pt", "*.ckpt",
+)
 
 
 class RuntimeSpec(_Section):
@@ -498,6 +553,22 @@ class RuntimeSpec(_Section):
             "`raydistill submit` only: a local directory (or a zip URI such as s3://bucket/code.zip) that Ray uploads and "
             "makes the job's working directory (runtime_env working_dir). Relative data and model paths in the spec are "
             "then relative to it, on your machine and on the cluster."
+        ),
+    )
+    job_excludes: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_JOB_EXCLUDES),
+        description=(
+            "`raydistill submit` only: gitignore-style patterns of files in a local runtime.job_working_dir that are not "
+            "uploaded (runtime_env excludes). The default leaves out virtualenvs, git history, run directories and model or "
+            "package caches; setting it replaces the whole list."
+        ),
+    )
+    job_working_dir_max_mib: float = Field(
+        100.0,
+        gt=0,
+        description=(
+            "`raydistill submit` only: the most a local runtime.job_working_dir may hold, in MiB, after job_excludes; a larger "
+            "one is refused before anything is uploaded, naming its largest entries."
         ),
     )
     job_pip: list[str] = Field(

@@ -139,11 +139,32 @@ def explain_cluster_errors(address: str, token: AuthToken | None) -> Iterator[No
         raise ClusterError(str(err)) from None
 
 
+def token_exposure_warning(address: str, token: AuthToken | None, environ: Mapping[str, str] = os.environ) -> str | None:
+    """A warning when the token would travel in cleartext: plain http:// (Ray's default scheme) to a host that is not this machine."""
+    from urllib.parse import urlsplit
+
+    if not auth_headers(token, environ):
+        return None
+    parts = urlsplit(address if "://" in address else f"http://{address}")
+    if parts.scheme != "http":
+        return None
+    from raydistill.spec import is_loopback_host
+
+    host = parts.hostname or ""
+    if is_loopback_host(host):
+        return None
+    return (f"the Ray auth token (from {token.source}) is sent in cleartext to {address}: anyone on the network path can read it "
+            "and take over the cluster. Use https:// (a TLS-terminating proxy or ingress), or an SSH tunnel or "
+            "`kubectl port-forward` to a 127.0.0.1 address.")
+
+
 def connect(address: str) -> tuple[JobSubmissionClient, AuthToken | None]:
     """A Jobs client for ``address``; the constructor already checks the connection and the token."""
     from ray.job_submission import JobSubmissionClient
 
     token = find_auth_token()
+    if warning := token_exposure_warning(address, token):
+        print(f"warning: {warning}", file=sys.stderr)
     with explain_cluster_errors(address, token):
         return JobSubmissionClient(address, headers=auth_headers(token)), token
 
@@ -281,19 +302,63 @@ def cluster_errors(spec: JobSpec, shipped_relative: set[str]) -> list[str]:
     return errors
 
 
+def _excluded(spec_lines: list[str]):
+    # Ray's own matcher for runtime_env excludes (its vendored pathspec), so we skip exactly what Ray would.
+    from ray._private.thirdparty.pathspec import PathSpec
+
+    matcher = PathSpec.from_lines("gitwildmatch", spec_lines)
+    return lambda rel, is_dir: matcher.match_file(rel + "/" if is_dir else rel)
+
+
+def working_dir_problem(root: str, excludes: list[str], max_mib: float) -> str | None:
+    """Why ``root`` is too large to upload (after ``excludes``), naming its largest entries; None if it fits.
+
+    The walk stops as soon as the limit is passed, so a huge directory costs no more than the limit's worth of stat calls.
+    Counted before compression, like Ray's per-file warnings; .gitignore files are not consulted.
+    """
+    limit = int(max_mib * 1024 * 1024)
+    excluded = _excluded(excludes)
+    total, by_top = 0, {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = os.path.relpath(dirpath, root)
+        rel_dir = "" if rel_dir == "." else rel_dir
+        dirnames[:] = [d for d in dirnames if not excluded(os.path.join(rel_dir, d), True)]
+        for name in filenames:
+            rel = os.path.join(rel_dir, name)
+            if excluded(rel, False):
+                continue
+            try:
+                size = os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                continue
+            total += size
+            top = rel.split(os.sep, 1)[0] + ("/" if os.sep in rel else "")
+            by_top[top] = by_top.get(top, 0) + size
+            if total > limit:
+                largest = sorted(by_top.items(), key=lambda kv: -kv[1])[:3]
+                shown = ", ".join(f"{name} {size / 2**20:.0f} MiB" for name, size in largest)
+                return (f"holds more than {max_mib:g} MiB to upload after runtime.job_excludes (largest so far: {shown}); add what the "
+                        "job does not need to runtime.job_excludes, put data and models on shared storage or object storage, "
+                        "or raise runtime.job_working_dir_max_mib")
+    return None
+
+
 def build_runtime_env(spec: JobSpec, spec_yaml: str) -> dict[str, Any]:
-    """The job's runtime_env: the user's working_dir, pip and env vars, plus the spec itself."""
+    """The job's runtime_env: the user's working_dir (less job_excludes), pip and env vars, plus the spec itself."""
     runtime = spec.runtime
     env: dict[str, Any] = {"env_vars": {**runtime.job_env_vars, SPEC_ENV_VAR: spec_yaml}}
     if runtime.job_working_dir:
         env["working_dir"] = runtime.job_working_dir
+        if "://" not in runtime.job_working_dir and runtime.job_excludes:
+            env["excludes"] = list(runtime.job_excludes)
     if runtime.job_pip:
         env["pip"] = list(runtime.job_pip)
     return env
 
 
-def build_entrypoint() -> str:
-    return f"raydistill run --spec-from-env {SPEC_ENV_VAR}"
+def build_entrypoint(trust_remote_code: bool = False) -> str:
+    # The consent given on this command line travels as the job's own flag: the shipped spec alone cannot carry it.
+    return f"raydistill run --spec-from-env {SPEC_ENV_VAR}" + (" --trust-remote-code" if trust_remote_code else "")
 
 
 def prepare_submission(spec_path: str | os.PathLike, overrides: list[str]) -> Submission:
@@ -326,6 +391,8 @@ def prepare_submission(spec_path: str | os.PathLike, overrides: list[str]) -> Su
             errors.extend(err.errors)
     if spec is not None:
         errors.extend(cluster_errors(spec, set(relative)))
+        if local_workdir and (problem := working_dir_problem(local_workdir, spec.runtime.job_excludes, spec.runtime.job_working_dir_max_mib)):
+            errors.append(f"runtime.job_working_dir: {local_workdir!r} {problem}")
     if errors or spec is None:
         raise SpecError(errors)
 
@@ -339,7 +406,9 @@ def prepare_submission(spec_path: str | os.PathLike, overrides: list[str]) -> Su
     spec_yaml = yaml.safe_dump(redact(shipped), sort_keys=False)
     metadata = {"raydistill_spec": os.path.basename(str(spec_path)), "run_dir": spec.runtime.run_dir}
     notes = [f"{key}: {value!r} is not on this machine; the job checks it on the cluster" for key, value in deferred.items()]
-    return Submission(spec, spec_yaml, build_entrypoint(), build_runtime_env(spec, spec_yaml), metadata, notes)
+    from raydistill.engine_args import remote_code_allowed
+
+    return Submission(spec, spec_yaml, build_entrypoint(remote_code_allowed()), build_runtime_env(spec, spec_yaml), metadata, notes)
 
 
 def submit(client: JobSubmissionClient, submission: Submission) -> str:

@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass
 
 from raydistill.serving.targets import Served
-from raydistill.spec import ServeSpec, SpecError
+from raydistill.spec import ServeSpec, SpecError, is_loopback_host
 
 
 def _announce(models, serve: ServeSpec, base: str) -> None:
@@ -21,8 +21,8 @@ def _announce(models, serve: ServeSpec, base: str) -> None:
         print(f"  {m.model_id:20s} {m.path}")
     if serve.api_key_env:
         print(f"Clients must send 'Authorization: Bearer <key>', the key in ${serve.api_key_env}.")
-    elif serve.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: serve.host={serve.host} exposes the app beyond this machine without an API key (set serve.api_key_env)", file=sys.stderr)
+    elif not is_loopback_host(serve.host):  # validation let it through: serve.allow_unauthenticated
+        print(f"warning: serve.host={serve.host} exposes the app beyond this machine without an API key (serve.allow_unauthenticated)", file=sys.stderr)
     print("Try it:")
     print(curl_example(base, models[0].model_id, serve.api_key_env), flush=True)
 
@@ -31,6 +31,22 @@ def _digest(key):
     from raydistill.serving.guard import key_digest
 
     return key_digest(key) if key else None
+
+
+def _secret_vars(serve: ServeSpec) -> tuple[str, ...]:
+    return (serve.api_key_env,) if serve.api_key_env else ()
+
+
+def withhold_key(serve: ServeSpec) -> None:
+    """Remove the API key's variable from this process's environment before it starts Ray processes.
+
+    A local Ray (``ray.init`` here, or the head of ``--detach``) hands the environment to every raylet and
+    worker it starts; the key has been read already and only its digest travels to the replicas.
+    """
+    import os
+
+    for name in _secret_vars(serve):
+        os.environ.pop(name, None)
 
 
 def foreground(models: list[Served], serve: ServeSpec, key: str | None, address: str | None, num_cpus: int) -> int:
@@ -42,6 +58,7 @@ def foreground(models: list[Served], serve: ServeSpec, key: str | None, address:
 
     from raydistill.serving.app import deploy
 
+    withhold_key(serve)
     if address:
         ray.init(address=address)
     else:
@@ -84,8 +101,9 @@ def detached(models: list[Served], serve: ServeSpec, key: str | None, address: s
             raise SpecError([f"serve --detach: app '{serve.app_name}' already runs on a local head started by raydistill; "
                              f"`raydistill serve --stop` first, or pick another --set serve.app_name"])
         print(f"Starting a local Ray head ({num_cpus} logical CPUs) that outlives this command ...", flush=True)
-        head = lifecycle.start_local_head(num_cpus)
+        head = lifecycle.start_local_head(num_cpus, secret_vars=_secret_vars(serve))
         address = head["address"]
+    withhold_key(serve)
     try:
         _connect(address)
         print(f"Deploying the OpenAI-compatible app for {len(models)} model(s) on {address} ...", flush=True)

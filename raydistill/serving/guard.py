@@ -56,6 +56,53 @@ class ApiKeyMiddleware:
         await response(scope, receive, send)
 
 
+class BodyLimitMiddleware:
+    """Answers 413 to a request body over ``max_bytes``: at once from ``Content-Length``, else while it streams in.
+
+    The body is read here, up to the limit, and handed on in one piece (the routes parse all of it
+    anyway), so an oversized or endless chunked body never reaches the JSON parser and holds at most
+    ``max_bytes`` in memory. Messages after the body (a client's disconnect) pass through unchanged.
+    """
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = _header(scope.get("headers", []), b"content-length")
+        if length is not None and (not length.strip().isdigit() or int(length) > self.max_bytes):
+            return await self._too_large(scope, receive, send, f"Content-Length {length.strip()}")
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left before sending it all
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                return await self._too_large(scope, receive, send, f"more than {self.max_bytes} bytes streamed")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope, receive, send, seen: str) -> None:
+        message = f"the request body is too large ({seen}); this server accepts at most {self.max_bytes} bytes (serve.max_body_bytes)"
+        response = JSONResponse(error_body(message, code=413), status_code=413, headers={"Connection": "close"})
+        await response(scope, receive, send)
+
+
 logger = logging.getLogger("ray.serve")
 SERVER_ERROR_MESSAGE = "the server could not complete this request; retry it, and quote the request id if it keeps failing"
 
@@ -182,12 +229,43 @@ def _content_chars(content: Any) -> int:
     return len(str(content))
 
 
+def _plain(value: Any) -> Any:
+    return value.model_dump(mode="json", exclude_none=True) if hasattr(value, "model_dump") else value
+
+
+def _json_chars(value: Any) -> int:
+    """Characters of a structured part of a request (tools, documents, template kwargs) as JSON."""
+    if value is None:
+        return 0
+    if isinstance(value, str):
+        return len(value)
+    return len(json.dumps(value, default=lambda v: _plain(v) if hasattr(v, "model_dump") else str(v), ensure_ascii=False))
+
+
 def _messages_chars(messages: Any) -> int:
+    """The text of every message: its content, plus its other fields (tool calls and their arguments, names) as JSON."""
     total = 0
     for m in messages or []:
-        content = m.get("content") if isinstance(m, dict) else getattr(m, "content", None)
-        total += _content_chars(content)
+        m = _plain(m)
+        if not isinstance(m, dict):
+            total += len(str(m))
+            continue
+        total += _content_chars(m.get("content"))
+        rest = {k: v for k, v in m.items() if k not in ("content", "role") and v is not None}
+        total += _json_chars(rest) if rest else 0
     return total
+
+
+# Parts of a chat request besides its messages that the chat template renders into the prompt.
+CHAT_PROMPT_PARTS = ("tools", "documents", "chat_template", "chat_template_kwargs")
+
+
+def chat_prompt_chars(body: Any) -> dict[str, int]:
+    """Characters per part of a chat request that becomes prompt text: messages, tools, documents, template and its kwargs."""
+    parts = {"messages": _messages_chars(getattr(body, "messages", None))}
+    for name in CHAT_PROMPT_PARTS:
+        parts[name] = _json_chars(_plain(getattr(body, name, None)))
+    return parts
 
 
 def _n_prompts(prompt: Any) -> int:
@@ -208,9 +286,13 @@ def check_completion(body: Any, limits: Limits) -> tuple[str, str] | None:
 
 def check_chat(body: Any, limits: Limits) -> tuple[str, str] | None:
     """``(param, message)`` for the first limit a /v1/chat/completions request breaks, else None."""
-    chars = _messages_chars(getattr(body, "messages", None))
+    parts = chat_prompt_chars(body)
+    chars = sum(parts.values())
     if chars > limits.max_prompt_chars:
-        return "messages", f"messages hold {chars} characters; this server accepts at most {limits.max_prompt_chars} (serve.max_prompt_chars)"
+        counted = ", ".join(f"{name} {n}" for name, n in parts.items() if n)
+        largest = max(parts, key=parts.get)
+        return largest, (f"messages, tools, documents and template kwargs hold {chars} characters ({counted}); this server accepts "
+                         f"at most {limits.max_prompt_chars} (serve.max_prompt_chars)")
     if getattr(body, "max_completion_tokens", None) is not None:
         return _check_common(body, limits, body.max_completion_tokens, "max_completion_tokens", 1)
     return _check_common(body, limits, getattr(body, "max_tokens", None), "max_tokens", 1)

@@ -19,7 +19,19 @@ from ray.serve.llm.ingress import OpenAiIngress
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 from starlette.responses import JSONResponse, Response
 
-from raydistill.serving.guard import ApiKeyMiddleware, Limits, SafeErrorMiddleware, check_chat, check_completion, error_body
+from raydistill.serving.guard import ApiKeyMiddleware, BodyLimitMiddleware, Limits, SafeErrorMiddleware, check_chat, check_completion, error_body
+
+# The library's routes raydistill serves (its DEFAULT_ENDPOINTS keys); the rest need serve.extra_routes.
+BASE_ROUTES = ("models", "model_data", "completions", "chat")
+# Default of serve.max_body_bytes, for callers that build the app without a ServeSpec.
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+
+
+def endpoint_map(extra_routes=()) -> dict:
+    """The library's route table cut to ``BASE_ROUTES`` plus ``extra_routes``: any other path answers 404."""
+    from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS
+
+    return {name: route for name, route in DEFAULT_ENDPOINTS.items() if name in BASE_ROUTES or name in extra_routes}
 
 
 def _reject(param: str, message: str) -> JSONResponse:
@@ -47,24 +59,47 @@ class GuardedIngress(OpenAiIngress):
         return await super().chat(body, request)
 
 
-def build_guarded_app(llm_configs: list, limits: Limits, key_sha256: str | None):
+def build_fastapi_app(key_sha256: str | None, cors_origins: list[str] | tuple[str, ...] = (), max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+    """The library's FastAPI app (error handling, request ids, metrics) with our guards, without its open CORS.
+
+    The library's ``init`` allows every origin (with credentials), so any web page could read
+    the answers of a server on 127.0.0.1. CORS is ours instead: closed unless
+    ``serve.cors_origins`` names origins.
+    """
+    from fastapi.middleware.cors import CORSMiddleware
+    from ray.llm._internal.serve.core.ingress.ingress import init as init_fastapi_app
+
+    app = init_fastapi_app()
+    app.user_middleware = [m for m in app.user_middleware if m.cls is not CORSMiddleware]
+    # Inside the key check: an unauthenticated client is turned away before its body is read.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+    if cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_credentials=False, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+    if key_sha256 is not None:
+        # Added late, so Starlette runs it early: nothing (not even a 404) answers without the key.
+        # CORS stays outside it, so a browser's preflight (which carries no key) still gets its answer.
+        app.add_middleware(ApiKeyMiddleware, key_sha256=key_sha256)
+        if cors_origins:
+            app.user_middleware.insert(0, app.user_middleware.pop(1))
+    # Added last, so it is outermost: no 5xx body or exception text reaches a client.
+    app.add_middleware(SafeErrorMiddleware)
+    return app
+
+
+def build_guarded_app(llm_configs: list, limits: Limits, key_sha256: str | None, cors_origins: list[str] | tuple[str, ...] = (),
+                      max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, extra_routes: list[str] | tuple[str, ...] = ()):
     """The OpenAI app over ``llm_configs`` (one ``LLMServer`` deployment each), guarded."""
     from ray import serve
     from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
-    from ray.llm._internal.serve.core.ingress.ingress import init as init_fastapi_app
     from ray.serve.llm import build_llm_deployment
     from ray.serve.llm.ingress import make_fastapi_ingress
 
     from raydistill.serving.server import NAME_PREFIX, DtypeResolvingLLMServer
 
-    app = init_fastapi_app()
-    if key_sha256 is not None:
-        # Added late, so Starlette runs it early: nothing (not even a 404) answers without the key.
-        app.add_middleware(ApiKeyMiddleware, key_sha256=key_sha256)
-    # Added last, so it is outermost: no 5xx body or exception text reaches a client.
-    app.add_middleware(SafeErrorMiddleware)
+    app = build_fastapi_app(key_sha256, cors_origins, max_body_bytes)
     options = GuardedIngress.get_deployment_options(llm_configs)
-    ingress = make_fastapi_ingress(GuardedIngress, app=app)
+    ingress = make_fastapi_ingress(GuardedIngress, app=app, endpoint_map=endpoint_map(extra_routes))
     return serve.deployment(ingress, **options).bind(
         llm_deployments={c.model_id: build_llm_deployment(c, deployment_cls=DtypeResolvingLLMServer, name_prefix=NAME_PREFIX) for c in llm_configs},
         model_cards={c.model_id: to_model_metadata(c.model_id, c) for c in llm_configs},

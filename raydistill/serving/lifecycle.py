@@ -56,9 +56,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def head_env(marker: str | None = None) -> dict[str, str]:
+def head_env(marker: str | None = None, secret_vars: tuple[str, ...] = ()) -> dict[str, str]:
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("RAY_ADDRESS", None)
+    # The API key's variable: every process of the head (and each worker it forks) would hold it in
+    # plain text, readable in /proc by this user's other processes; replicas need only its digest.
+    for name in secret_vars:
+        env.pop(name, None)
     # Token authentication on, unless the user explicitly chose otherwise: the head's ports are
     # reachable by every user of this machine. Ray keeps the token in ~/.ray/auth_token.
     env.setdefault("RAY_AUTH_MODE", "token")
@@ -82,15 +86,15 @@ def ensure_auth_token(ray_bin: str, env: dict[str, str]) -> None:
         raise RuntimeError(f"could not create a Ray auth token with `ray get-auth-token --generate`: {done.stderr.strip()[-500:]}")
 
 
-def start_local_head(num_cpus: int, timeout_s: float = 120.0) -> dict:
-    """Start a private local head; return its record for the state file."""
+def start_local_head(num_cpus: int, timeout_s: float = 120.0, secret_vars: tuple[str, ...] = ()) -> dict:
+    """Start a private local head, without the ``secret_vars`` in its environment; return its record for the state file."""
     bin_dir = Path(sys.executable).parent
     ray_bin = bin_dir / "ray" if (bin_dir / "ray").exists() else "ray"
     # Short path: Ray's unix socket paths under the temp dir must fit in 107 bytes.
     temp_dir = tempfile.mkdtemp(prefix="rds-", dir="/tmp")
     marker = uuid.uuid4().hex
     port = _free_port()
-    env = head_env(marker)
+    env = head_env(marker, secret_vars)
     ensure_auth_token(str(ray_bin), env)
     log = open(Path(temp_dir) / "head.log", "w")
     proc = subprocess.Popen(
@@ -109,7 +113,16 @@ def start_local_head(num_cpus: int, timeout_s: float = 120.0) -> dict:
             _terminate(proc.pid, marker)
             raise TimeoutError(f"the local Ray head did not start within {timeout_s:.0f}s; see {log.name}")
         time.sleep(0.5)
-    return {"address": f"127.0.0.1:{port}", "pid": proc.pid, "marker": marker, "temp_dir": temp_dir}
+    return {"address": f"127.0.0.1:{port}", "pid": proc.pid, "marker": marker, "temp_dir": temp_dir, "create_time": _create_time(proc.pid)}
+
+
+def _create_time(pid: int) -> float | None:
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
 
 
 def _marked_pids(marker: str) -> list[int]:
@@ -127,18 +140,38 @@ def _marked_pids(marker: str) -> list[int]:
     return pids
 
 
-def _terminate(pid: int, marker: str, timeout_s: float = 30.0) -> None:
+def is_ours(pid: int, marker: str, create_time: float | None = None) -> bool:
+    """Whether ``pid`` is still the head we started: our marker in its environment (and its start time, when recorded).
+
+    After a reboot or pid reuse the saved pid may name an unrelated process; that one has neither,
+    or is another user's and unreadable, and is never signalled.
+    """
     import psutil
 
     try:
-        head = psutil.Process(pid)
-        head.terminate()  # `ray start --block` stops its node's processes on SIGTERM
-        head.wait(timeout=timeout_s)
+        proc = psutil.Process(pid)
+        if create_time is not None and abs(proc.create_time() - create_time) > 1.0:
+            return False
+        return proc.environ().get(MARKER_VAR) == marker
+    except (psutil.Error, OSError):
+        return False
+
+
+def _terminate(pid: int, marker: str, timeout_s: float = 30.0, create_time: float | None = None) -> None:
+    import psutil
+
+    ours = is_ours(pid, marker, create_time)
+    try:
+        if ours:
+            head = psutil.Process(pid)
+            head.terminate()  # `ray start --block` stops its node's processes on SIGTERM
+            head.wait(timeout=timeout_s)
     except psutil.NoSuchProcess:
         pass
     except psutil.TimeoutExpired:
         pass
-    for straggler in ([pid] if _alive(pid) else []) + _marked_pids(marker):
+    # Stragglers are found by the marker alone, so only processes of our head are ever killed.
+    for straggler in ([pid] if ours and _alive(pid) else []) + [p for p in _marked_pids(marker) if p != pid]:
         try:
             psutil.Process(straggler).kill()
         except psutil.NoSuchProcess:
@@ -157,11 +190,12 @@ def _alive(pid: int) -> bool:
 
 
 def head_alive(head: dict) -> bool:
-    return _alive(head["pid"])
+    # A reused pid is not our head, however alive it is.
+    return _alive(head["pid"]) and is_ours(head["pid"], head["marker"], head.get("create_time"))
 
 
 def stop_local_head(head: dict) -> None:
     import shutil
 
-    _terminate(head["pid"], head["marker"])
+    _terminate(head["pid"], head["marker"], create_time=head.get("create_time"))
     shutil.rmtree(head["temp_dir"], ignore_errors=True)

@@ -102,6 +102,12 @@ def served_models(sources: list[Source], model_id: str | None, teacher: str | No
                 if not (Path(path) / "config.json").exists():
                     errors.append(f"--teacher: {ref!r} is not a model directory (no config.json)")
                 out.append(Served(TEACHER_ID, path))
+    from raydistill.engine_args import remote_code_allowed
+    from raydistill.models import ships_code
+
+    if not remote_code_allowed():
+        errors += [f"{m.path}: this model ships its own Python code (auto_map), which serving would run; refused unless the command "
+                   "line says --trust-remote-code (with serve.engine_args.trust_remote_code: true)" for m in out if ships_code(m.path)]
     ids = [m.model_id for m in out]
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     if dupes:

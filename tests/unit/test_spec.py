@@ -195,3 +195,41 @@ def test_engine_args_are_checked_against_vllm(tmp_path):
     raw["teacher"]["engine_args"] = {"max_model_len": 512, "dtype": "float32", "enforce_eager": True, "max_logprobs": 32}
     raw["serve"]["engine_args"] = {"max_model_len": 256}
     assert load_spec(_write(tmp_path, raw)).teacher.engine_args["max_model_len"] == 512
+
+
+@pytest.mark.parametrize("section", ["teacher", "serve", "distill.on_policy"])
+def test_trust_remote_code_needs_the_command_line(tmp_path, section):
+    from raydistill.engine_args import remote_code_consent
+
+    raw = _minimal(tmp_path)
+    node = raw
+    for part in section.split("."):
+        node = node.setdefault(part, {})
+    node["engine_args"] = {"trust_remote_code": True}
+    path = _write(tmp_path, raw)
+    with pytest.raises(SpecError) as err:
+        load_spec(path)
+    assert any(e.startswith(f"{section}.engine_args: ") and "--trust-remote-code" in e for e in err.value.errors)
+    with remote_code_consent(True):
+        spec = load_spec(path)
+    got = spec
+    for part in section.split("."):
+        got = getattr(got, part)
+    assert got.engine_args == {"trust_remote_code": True}
+    # Consent ends with the block; an explicit false never needs it.
+    with pytest.raises(SpecError):
+        load_spec(path)
+    node["engine_args"] = {"trust_remote_code": False}
+    load_spec(_write(tmp_path, raw))
+    # --set is part of the spec too: it cannot consent either.
+    with pytest.raises(SpecError):
+        load_spec(_write(tmp_path, _minimal(tmp_path)), [f"{section}.engine_args.trust_remote_code=true"])
+
+
+def test_validate_cli_flag_consents_to_remote_code(tmp_path, capsys):
+    raw = _minimal(tmp_path)
+    raw["teacher"]["engine_args"] = {"trust_remote_code": True}
+    path = _write(tmp_path, raw)
+    assert main(["validate", str(path)]) == 2
+    assert "trust_remote_code: True runs Python code shipped with the model" in capsys.readouterr().err
+    assert main(["validate", str(path), "--trust-remote-code"]) == 0

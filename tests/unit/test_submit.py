@@ -255,3 +255,73 @@ def test_spec_errors_from_submit_print_like_validate(tmp_path, capsys):
     assert main(["submit", str(_spec(tmp_path)), "--address", "http://127.0.0.1:1"]) == 2
     err = capsys.readouterr().err
     assert "error: the job spec has 2 problem(s):" in err and "  runtime.run_dir: " in err
+
+
+def test_remote_code_consent_travels_as_the_jobs_own_flag(tmp_path):
+    from raydistill.engine_args import remote_code_consent
+
+    path = _spec(tmp_path, {"shared_storage": True})
+    with pytest.raises(SpecError, match="--trust-remote-code"):
+        prepare_submission(path, ["teacher.engine_args.trust_remote_code=true"])
+    with remote_code_consent(True):
+        sub = prepare_submission(path, ["teacher.engine_args.trust_remote_code=true"])
+    assert sub.entrypoint == f"raydistill run --spec-from-env {SPEC_ENV_VAR} --trust-remote-code"
+    assert prepare_submission(path, []).entrypoint == f"raydistill run --spec-from-env {SPEC_ENV_VAR}"
+    assert build_parser().parse_args(["submit", "s.yaml", "--trust-remote-code"]).trust_remote_code
+
+
+def test_the_working_dir_upload_leaves_out_venvs_runs_git_and_caches(tmp_path):
+    from raydistill.spec import DEFAULT_JOB_EXCLUDES
+
+    work = tmp_path / "work"
+    work.mkdir()
+    sub = prepare_submission(_spec(tmp_path, {"shared_storage": True, "job_working_dir": str(work)}), [])
+    assert sub.runtime_env["working_dir"] == str(work)
+    assert sub.runtime_env["excludes"] == list(DEFAULT_JOB_EXCLUDES)
+    assert {".venv/", "runs/", ".git/", ".cache/"} <= set(DEFAULT_JOB_EXCLUDES)
+    sub = prepare_submission(_spec(tmp_path, {"shared_storage": True, "job_working_dir": str(work), "job_excludes": ["data/"]}), [])
+    assert sub.runtime_env["excludes"] == ["data/"]
+    # A zip URI is uploaded as it is: excludes do not apply.
+    sub = prepare_submission(_spec(tmp_path, {"shared_storage": True, "job_working_dir": "s3://b/code.zip"}), [])
+    assert "excludes" not in sub.runtime_env
+
+
+def test_an_oversize_working_dir_is_refused_with_the_reason(tmp_path):
+    work = tmp_path / "work"
+    (work / "data").mkdir(parents=True)
+    (work / "data" / "big.jsonl").write_bytes(b"x" * (3 * 1024 * 1024))
+    (work / ".venv").mkdir()
+    (work / ".venv" / "huge.so").write_bytes(b"x" * (5 * 1024 * 1024))  # excluded: does not count
+    (work / "train.py").write_text("print('hi')\n")
+    runtime = {"shared_storage": True, "job_working_dir": str(work), "job_working_dir_max_mib": 2}
+    with pytest.raises(SpecError) as err:
+        prepare_submission(_spec(tmp_path, runtime), [])
+    (line,) = [e for e in err.value.errors if e.startswith("runtime.job_working_dir:")]
+    assert "more than 2 MiB" in line and "data/ 3 MiB" in line and ".venv" not in line and "runtime.job_excludes" in line
+    runtime["job_excludes"] = [".venv/", "data/"]  # the list replaces the defaults
+    assert prepare_submission(_spec(tmp_path, runtime), []).runtime_env["excludes"] == [".venv/", "data/"]
+
+
+def test_a_token_bound_for_a_remote_http_address_is_warned_about():
+    from raydistill.jobs.submit import token_exposure_warning
+
+    token = AuthToken("t0k", "RAY_AUTH_TOKEN")
+    warning = token_exposure_warning("http://10.0.0.5:8265", token, {})
+    assert warning and "cleartext" in warning and "RAY_AUTH_TOKEN" in warning and "t0k" not in warning
+    assert token_exposure_warning("head.example.com:8265", token, {})  # no scheme: Ray uses http://
+    for quiet in ("http://127.0.0.1:8265", "http://localhost:8265", "https://head.example.com", "http://[::1]:8265"):
+        assert token_exposure_warning(quiet, token, {}) is None, quiet
+    assert token_exposure_warning("http://10.0.0.5:8265", None, {}) is None
+    assert token_exposure_warning("http://10.0.0.5:8265", token, {"RAY_AUTH_MODE": "disabled"}) is None
+
+
+def test_connect_prints_the_warning(monkeypatch, capsys):
+    import ray.job_submission
+
+    from raydistill.jobs import submit as jobs
+
+    monkeypatch.setattr(jobs, "find_auth_token", lambda: AuthToken("t0k", "RAY_AUTH_TOKEN"))
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", lambda address, headers: SimpleNamespace(address=address))
+    jobs.connect("http://10.0.0.5:8265")
+    err = capsys.readouterr().err
+    assert "warning: the Ray auth token" in err and "t0k" not in err
