@@ -214,7 +214,8 @@ def main() -> int:
         for s in row.get("seeds", []):
             if ph := s.get("on_policy_phases"):
                 sync = "-" if ph["sync_s_per_sync"] is None else f"{ph['sync_s_per_sync']:.2f}"
-                print(f"{name} seed {s['seed']}: rollout {ph['rollout_tokens_per_s']:.0f} tok/s, scoring {ph['score_tokens_per_s']:.0f} tok/s, "
+                print(f"{name} seed {s['seed']}: rollout {fmt(ph['rollout_tokens_per_s'], '.0f')} tok/s, "
+                      f"scoring {fmt(ph['score_tokens_per_s'], '.0f')} tok/s, "
                       f"sync {sync} s each; seconds per phase {ph['phase_seconds']}")
     headline = [k for k in ("best_kd", "best_kd_gap_closed", "best_kd_beats_sft", "best_on_policy", "best_offline",
                             "onpolicy_over_offline_sample_rkl") if k in figures]
