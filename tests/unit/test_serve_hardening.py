@@ -141,8 +141,16 @@ def sleeper():
     def start(env=None):
         import os
 
+        import time
+
+        import psutil
+
         proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], env={**os.environ, **(env or {})})
         procs.append(proc)
+        # Until the child has exec'd, /proc shows the parent's environment and command line: wait for it.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and "time.sleep(120)" not in " ".join(psutil.Process(proc.pid).cmdline()):
+            time.sleep(0.05)
         return proc
 
     yield start
