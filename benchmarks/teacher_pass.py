@@ -19,6 +19,30 @@ Run from the repository root:
    cancels. ``breakeven_tokens`` is the job size (generated tokens) from which ``ratio`` would
    reach 0.9 at these fixed costs and rates. (Shard arrival times cannot stand in for the steady
    rate: the engine interleaves every batch it has been sent, so most shards land together.)
+   This runs at ``--k`` (default 8, unsuffixed keys) and at each of ``--extra-k`` (default 32:
+   ``ratio_k32``, ``steady_ratio_k32``, ...).
+
+   Host CPU per generated token, of the process that runs the engine's frontend (vLLM's
+   ``AsyncLLM`` / ``LLM``: request handling and the per-token output processing, where the
+   per-log-prob Python work lives) and, for context, of vLLM's engine-core process (the model).
+   Method: a thread in each timed process samples ``/proc/<pid>/stat`` (utime + stime, all
+   threads) every 0.2 s for that process's descendants. Bare: the benchmark process itself, read
+   just before and after ``generate`` (start-up excluded), / its generated tokens. Stage: the
+   engine actor (the Ray worker whose title names ``SignalEngineUDF``), its last sample, as the
+   marginal (full - quarter) / (tokens full - tokens quarter), so the actor's start-up cancels as
+   it does for ``steady_ratio`` (up to 0.2 s of CPU after an actor's last sample is missed).
+   "Engine" CPU is every vLLM process below the frontend (engine core, and its executor's worker
+   where there is one), counted the same two ways.
+
+   Fixed start-up of each path: seconds from spawn minus generated tokens / steady rate
+   (``bare_fixed_seconds``, ``raydistill_fixed_seconds``; ``startup_extra_s`` is their difference),
+   and where the seconds go (``*_timeline``, seconds from spawn): imports done, Ray up, the engine
+   actor's process started, its engine up (the actor's ``started`` report), the first shard written,
+   done.
+   ``conversion_us_per_token_k*``: the engine actor's CPU per generated token for turning finished
+   vLLM outputs into signal rows, dict path against array path, measured in this process without
+   an engine (``conversion_us_per_token``): a steadier figure than the end-to-end ones on a shared
+   machine.
 2. Storage: for k in {8, 32, 50}, score the prompts' responses with bare vLLM, encode the signals
    exactly as the stage stores them (``encode_signals`` with the id order learned from the first
    16 rows, ``PARQUET_WRITE_ARGS``, one file per ``--shard-rows`` rows), and report bytes per
@@ -61,6 +85,82 @@ def _specs(model_ref: str, corpus: Path, k: int, max_tokens: int, threads_bind: 
     return data, teacher, tp
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _boot_time() -> float:
+    return next(float(l.split()[1]) for l in Path("/proc/stat").read_text().splitlines() if l.startswith("btime"))
+
+
+def _proc(pid: int) -> tuple[int, float, float] | None:
+    """(parent pid, CPU seconds of all its threads so far, start time as epoch seconds) of ``pid``."""
+    try:
+        f = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(f[1]), (int(f[11]) + int(f[12])) / _TICK, int(f[19]) / _TICK
+
+
+def _title(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+class _ProcSampler:
+    """Every ``interval`` s, the CPU seconds and start time of each descendant of this process (the
+    machine is shared: other people's engines must not count), kept after the process is gone."""
+
+    def __init__(self, interval: float = 0.2):
+        import threading
+
+        self.seen: dict[int, dict] = {}
+        self._boot, self._stop = _boot_time(), threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+        self._thread.start()
+
+    def _run(self, interval: float) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(interval)
+
+    def sample(self) -> None:
+        me = os.getpid()
+        table = {int(e): p for e in os.listdir("/proc") if e.isdigit() and (p := _proc(int(e)))}
+        for pid, (ppid, cpu, start) in table.items():
+            up, hops = ppid, 0
+            while up not in (me, 0, 1) and up in table and hops < 16:
+                up, hops = table[up][0], hops + 1
+            if up != me or pid == me:
+                continue
+            rec = self.seen.setdefault(pid, {"title": "", "start": self._boot + start, "ppid": ppid})
+            rec["cpu"] = cpu
+            # Ray workers and vLLM's processes rename themselves after they start: keep the latest title.
+            rec["title"] = _title(pid) or rec["title"]
+
+    def stop(self) -> dict[int, dict]:
+        self._stop.set()
+        self._thread.join()
+        return self.seen
+
+    def below(self, roots: set[int]) -> set[int]:
+        """The pids seen whose parent chain reaches one of ``roots`` (not the roots themselves)."""
+        out: set[int] = set()
+        for pid in self.seen:
+            up, hops = self.seen[pid]["ppid"], 0
+            while up not in roots and up in self.seen and hops < 16:
+                up, hops = self.seen[up]["ppid"], hops + 1
+            if up in roots:
+                out.add(pid)
+        return out
+
+
+def _self_cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
 def _child_bare(args, model: str, out: dict) -> None:
     """(a): one process, ``LLM(...)`` then one ``generate`` over every prompt text (vLLM tokenizes, as the stage does)."""
     from raydistill.teacher.stage import engine_kwargs, sampling_params
@@ -69,38 +169,76 @@ def _child_bare(args, model: str, out: dict) -> None:
     os.environ.update(teacher.cpu_engine_env())
     from vllm import LLM, SamplingParams
 
+    t_import = time.time()
     prompts = [json.loads(l)["prompt"] for l in Path(args.child_corpus).read_text().splitlines()]
     llm = LLM(model=model, **engine_kwargs(teacher, tp))
-    t_ready = time.time()
+    sampler = _ProcSampler()
+    sampler.sample()
+    core0 = {pid: r["cpu"] for pid, r in sampler.seen.items()}
+    t_ready, cpu0 = time.time(), _self_cpu()
     outs = llm.generate(prompts, SamplingParams(**sampling_params(tp)), use_tqdm=False)
+    cpu1 = _self_cpu()
     out.update(done=time.time(), generate_s=time.time() - t_ready, tokens=sum(len(o.outputs[0].token_ids) for o in outs))
+    sampler.sample()
+    seen = sampler.stop()
+    out["frontend_cpu_s"] = cpu1 - cpu0
+    # vLLM's own processes (engine core, and its executor's workers where it has them): every descendant of this one.
+    out["engine_core_cpu_s"] = sum(r["cpu"] - core0.get(pid, 0.0) for pid, r in seen.items())
+    out["timeline"] = {"imports": t_import, "engine_up": t_ready}
 
 
 def _child_stage(args, model: str, out: dict) -> None:
     """(b): one process, a local Ray, then ``run_teacher_stage`` over the corpus."""
+    import threading
+
     import ray
 
     from raydistill.data.signals import load_signals
     from raydistill.teacher.stage import run_teacher_stage
 
+    t_import = time.time()
     data, teacher, tp = _specs(args.model, Path(args.child_corpus), args.k, args.max_tokens, args.cpu_threads_bind)
+    sampler = _ProcSampler()
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    t_ray = time.time()
     signals = Path(args.child_corpus).parent / "signals"
+    marks: dict[str, float] = {}
+    done = threading.Event()
+
+    def watch():  # when the engine reports it is up, and when the first shard lands
+        while not done.is_set():
+            if "engine_up" not in marks and list((signals / "_engines").glob("started-*.json")):
+                marks["engine_up"] = time.time()
+            if "first_shard" not in marks and list(signals.glob("*.parquet")):
+                marks["first_shard"] = time.time()
+            done.wait(0.1)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
     run_teacher_stage(data, teacher, tp, model, str(signals))
     out["done"] = time.time()
+    done.set()
+    sampler.sample()
     ray.shutdown()
+    seen = sampler.stop()
+    actor_pids = {pid for pid, r in seen.items() if "SignalEngineUDF" in r["title"]}
+    actors = [seen[pid] for pid in actor_pids]
+    out["frontend_cpu_s"] = sum(r["cpu"] for r in actors)
+    out["engine_core_cpu_s"] = sum(seen[pid]["cpu"] for pid in sampler.below(actor_pids))  # vLLM's processes under the actor
+    out["engine_actors"] = len(actors)
+    out["timeline"] = {"imports": t_import, "ray_up": t_ray, **({"engine_actor_start": min(r["start"] for r in actors)} if actors else {}), **marks}
     table = load_signals(signals, columns=["input_ids", "target_start"])
     out["tokens"] = sum(len(ids) - s for ids, s in zip(table["input_ids"].to_pylist(), table["target_start"].to_pylist()))
 
 
-def _run_child(kind: str, args, prompts: list[str], model: str, work: Path) -> dict:
+def _run_child(kind: str, args, prompts: list[str], model: str, work: Path, k: int) -> dict:
     """Run one path in a fresh process; return its figures with ``seconds`` from spawn to done."""
     work.mkdir(parents=True, exist_ok=True)
     corpus = work / "prompts.jsonl"
     corpus.write_text("".join(json.dumps({"id": f"p{i}", "prompt": p}) + "\n" for i, p in enumerate(prompts)))
     result = work / "result.json"
     cmd = [sys.executable, __file__, "--child", kind, "--child-corpus", str(corpus), "--child-out", str(result), "--model", args.model,
-           "--k", str(args.k), "--max-tokens", str(args.max_tokens), "--cpu-threads-bind", args.cpu_threads_bind]
+           "--k", str(k), "--max-tokens", str(args.max_tokens), "--cpu-threads-bind", args.cpu_threads_bind]
     log = work / "log.txt"
     spawned = time.time()
     with open(log, "w") as sink:
@@ -115,7 +253,10 @@ def _run_child(kind: str, args, prompts: list[str], model: str, work: Path) -> d
         raise RuntimeError(f"the {kind} run failed (exit {proc.returncode}); its output is above")
     figures = json.loads(result.read_text())
     figures["seconds"] = figures.pop("done") - spawned
-    print(f"[{kind}] {len(prompts)} prompts: {figures['tokens']} tokens in {figures['seconds']:.1f} s", flush=True)
+    figures["timeline"] = {name: round(t - spawned, 2) for name, t in figures["timeline"].items()}
+    figures["timeline"]["done"] = round(figures["seconds"], 2)
+    print(f"[{kind} k={k}] {len(prompts)} prompts: {figures['tokens']} tokens in {figures['seconds']:.1f} s; "
+          f"frontend CPU {figures['frontend_cpu_s']:.1f} s; timeline {figures['timeline']}", flush=True)
     return figures
 
 
@@ -144,10 +285,10 @@ def _kill_group(pgid: int) -> None:
     raise RuntimeError(f"processes of an earlier timed run are still alive: {members()}")
 
 
-def throughput(args, prompts: list[str], model: str, work: Path) -> dict:
-    bare = _run_child("bare", args, prompts, model, work / "bare")
-    quarter = _run_child("stage", args, prompts[: len(prompts) // 4], model, work / "quarter")
-    full = _run_child("stage", args, prompts, model, work / "full")
+def throughput(args, prompts: list[str], model: str, work: Path, k: int) -> dict:
+    bare = _run_child("bare", args, prompts, model, work / f"bare-k{k}", k)
+    quarter = _run_child("stage", args, prompts[: len(prompts) // 4], model, work / f"quarter-k{k}", k)
+    full = _run_child("stage", args, prompts, model, work / f"full-k{k}", k)
     bare_tps, ray_tps = bare["tokens"] / bare["seconds"], full["tokens"] / full["seconds"]
     bare_steady = bare["tokens"] / bare["generate_s"]
     ray_steady = (full["tokens"] - quarter["tokens"]) / (full["seconds"] - quarter["seconds"]) if full["seconds"] > quarter["seconds"] else None
@@ -162,7 +303,18 @@ def throughput(args, prompts: list[str], model: str, work: Path) -> dict:
         "ratio": round(ray_tps / bare_tps, 3),
         "steady_ratio": None if ray_steady is None else round(ray_steady / bare_steady, 3),
         "breakeven_tokens": None,
+        "bare_host_cpu_us_per_token": round(1e6 * bare["frontend_cpu_s"] / bare["tokens"], 1),
+        "bare_engine_core_cpu_us_per_token": round(1e6 * bare["engine_core_cpu_s"] / bare["tokens"], 1),
+        "bare_timeline": bare["timeline"], "raydistill_timeline": full["timeline"], "raydistill_quarter_timeline": quarter["timeline"],
     }
+    d_tokens = full["tokens"] - quarter["tokens"]
+    if d_tokens > 0 and full["engine_actors"] == quarter["engine_actors"] == 1:
+        figures["stage_host_cpu_us_per_token"] = round(1e6 * (full["frontend_cpu_s"] - quarter["frontend_cpu_s"]) / d_tokens, 1)
+        figures["stage_engine_core_cpu_us_per_token"] = round(1e6 * (full["engine_core_cpu_s"] - quarter["engine_core_cpu_s"]) / d_tokens, 1)
+    else:  # an engine restarted, or the pool scaled: the marginal CPU of one actor is not defined
+        figures["stage_host_cpu_us_per_token"] = figures["stage_engine_core_cpu_us_per_token"] = None
+    if ray_steady is not None:
+        figures["startup_extra_s"] = round(figures["raydistill_fixed_seconds"] - figures["bare_fixed_seconds"], 2)
     if ray_steady is not None and 1 / bare_steady - TARGET_RATIO / ray_steady > 0:
         # ratio(T) = (Fb + T/Rb) / (Fs + T/Rs) for T generated tokens; solve ratio(T) = 0.9.
         fb, fs = figures["bare_fixed_seconds"], figures["raydistill_fixed_seconds"]
@@ -177,7 +329,7 @@ def storage_at_k(llm, prompts: list[str], outs, k: int, work: Path, shard_rows: 
     import pyarrow.parquet as pq
     from vllm import SamplingParams
 
-    from raydistill.data.signals import PARQUET_WRITE_ARGS, SIGNAL_SCHEMA, decode_signals, encode_signals, learn_id_order
+    from raydistill.data.signals import FULL_SIGNAL_SCHEMA, PARQUET_WRITE_ARGS, decode_signals, encode_signals, learn_id_order
     from raydistill.teacher.stage import topk_from_logprob_dict
 
     token_prompts = [{"prompt_token_ids": list(o.prompt_token_ids) + list(o.outputs[0].token_ids)} for o in outs]
@@ -186,9 +338,13 @@ def storage_at_k(llm, prompts: list[str], outs, k: int, work: Path, shard_rows: 
     for i, (o, s) in enumerate(zip(outs, scored)):
         start = len(o.prompt_token_ids)
         pairs = [topk_from_logprob_dict({t: {"logprob": v.logprob, "rank": v.rank} for t, v in e.items()}, k) for e in s.prompt_logprobs[start:]]
-        rows.append({"id": f"p{i}", "split": "train", "input_ids": token_prompts[i]["prompt_token_ids"], "target_start": start,
-                     "topk_ids": [p[0] for p in pairs], "topk_logprobs": [p[1] for p in pairs], "prompt": prompts[i], "response": o.outputs[0].text})
-    exact = pa.Table.from_pylist(rows).cast(SIGNAL_SCHEMA)
+        ids = token_prompts[i]["prompt_token_ids"]
+        # Schema v5: the given token's own log-prob at each target position, in the top k or not.
+        target = [s.prompt_logprobs[t][ids[t]].logprob for t in range(start, len(ids))]
+        rows.append({"id": f"p{i}", "split": "train", "input_ids": ids, "target_start": start,
+                     "topk_ids": [p[0] for p in pairs], "topk_logprobs": [p[1] for p in pairs], "prompt": prompts[i], "response": o.outputs[0].text,
+                     "target_logprob": target})
+    exact = pa.Table.from_pylist(rows).select(FULL_SIGNAL_SCHEMA.names).cast(FULL_SIGNAL_SCHEMA)
     # The stage learns the id renumbering from the first engine batch it writes: the default
     # teacher.batch_size (16) rows here.
     id_order = learn_id_order(exact.slice(0, 16)["topk_ids"])
@@ -220,12 +376,63 @@ def storage_at_k(llm, prompts: list[str], outs, k: int, work: Path, shard_rows: 
     return sum(os.path.getsize(p) for p in paths) / n_tokens, float(kl.mean()), per_column
 
 
+def conversion_us_per_token(k: int, n_requests: int = 64, n_gen: int = 64, vocab: int = 512) -> dict:
+    """Engine-actor CPU (process time) per generated token spent turning finished vLLM outputs into signal
+    rows, without an engine: vLLM's own fill of the log-probs (dicts, or flat lists), then ray.data.llm's
+    conversion plus ``to_signal_row`` (the dict path), or ``signals_from_output`` plus ``signal_columns``
+    (the array path). Outputs are built with ``vllm.logprobs.append_logprobs_for_next_position``, as vLLM
+    builds them. Leaves out what Ray Data did to the dict path's rows on top (Arrow type inference that
+    fails, the str() of the column, pickling, the separate post-process task)."""
+    import numpy as np
+    import pyarrow as pa
+    from ray.llm._internal.batch.stages.vllm_engine_stage import vLLMOutputData
+    from vllm.logprobs import append_logprobs_for_next_position, create_sample_logprobs
+    from vllm.outputs import CompletionOutput, RequestOutput
+
+    from raydistill.teacher.arrays import signal_columns, signals_from_output
+    from raydistill.teacher.stage import to_signal_row
+
+    rng = np.random.default_rng(0)
+    steps = []
+    for _ in range(n_requests):
+        lp = np.log(rng.dirichlet(np.ones(vocab) * 0.3)).astype(np.float32)
+        top = np.argsort(-lp)[:k]
+        actual = rng.integers(vocab, size=n_gen)
+        steps.append([(np.concatenate([[a], top]), lp[np.concatenate([[a], top])], int((lp >= lp[a]).sum())) for a in actual])
+
+    def fill(flat):
+        t = time.process_time()
+        outs = []
+        for req in steps:
+            c = create_sample_logprobs(flat)
+            for ids, lps, rank in req:  # as vLLM's output processor does per step: arrays .tolist()'d
+                append_logprobs_for_next_position(c, ids.tolist(), lps.tolist(), [None] * (k + 1), rank, k)
+            comp = CompletionOutput(index=0, text="", token_ids=[int(s[0][0]) for s in req], cumulative_logprob=None, logprobs=c, finish_reason="length")
+            outs.append(RequestOutput("r", "", [1, 2, 3], None, [comp], finished=True))
+        return outs, time.process_time() - t
+
+    dict_outs, dict_fill = fill(False)
+    flat_outs, flat_fill = fill(True)
+    t = time.process_time()
+    rows = [to_signal_row({"id": "a", "split": "", "prompt": "", "source": "", **vLLMOutputData.from_vllm_engine_output(o).model_dump()}, k, "generate")
+            for o in dict_outs]
+    dict_convert = time.process_time() - t
+    t = time.process_time()
+    cols = signal_columns([signals_from_output(o, k, "generate", [1, 2, 3], 3)[0] for o in flat_outs], k)
+    pa.table(cols)
+    flat_convert = time.process_time() - t
+    n = n_requests * n_gen
+    us = lambda s: round(1e6 * s / n, 2)  # noqa: E731
+    return {"vllm_fill_dicts": us(dict_fill), "vllm_fill_flat": us(flat_fill), "convert_dict_path": us(dict_convert), "convert_array_path": us(flat_convert)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="tiny:teacher", help="teacher: a HF directory or a builtin")
     ap.add_argument("--prompts", type=int, default=1024)
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--k", type=int, default=8, help="top-k kept in the throughput comparison")
+    ap.add_argument("--k", type=int, default=8, help="top-k kept in the throughput comparison (unsuffixed keys)")
+    ap.add_argument("--extra-k", default="32", help="more top-k values for the throughput comparison, comma-separated ('' for none); keys get _k<K>")
     ap.add_argument("--cpu-threads-bind", default="auto", help="teacher.cpu_threads_bind of both paths (vLLM-CPU thread binding)")
     ap.add_argument("--json", help="write the figures here")
     ap.add_argument("--corpus", default=str(ROOT / "configs/data/tiny_prompts.jsonl"), help="JSONL with a prompt field")
@@ -254,7 +461,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if not args.storage_only:
-            figures.update(throughput(args, prompts, model, work))
+            for k in [args.k] + [int(x) for x in args.extra_k.split(",") if x.strip()]:
+                figures[f"conversion_us_per_token_k{k}"] = conversion_us_per_token(k)
+                print(f"[conversion k={k}] us per generated token: {figures[f'conversion_us_per_token_k{k}']}", flush=True)
+            figures.update(throughput(args, prompts, model, work, args.k))
+            for k in (int(x) for x in args.extra_k.split(",") if x.strip()):
+                figures.update({f"{name}_k{k}": v for name, v in throughput(args, prompts, model, work, k).items()})
         storage = {}
         if not args.throughput_only:
             from vllm import LLM, SamplingParams
@@ -276,6 +488,13 @@ def main() -> int:
         print(f"| raydistill teacher stage | {f['raydistill_tokens']} | {f['raydistill_seconds']:.1f} | {f['raydistill_tokens_per_s']:.1f} | {f['raydistill_fixed_seconds']} | {f['raydistill_steady_tokens_per_s']} |")
         print(f"\nratio (raydistill / bare) = {f['ratio']}; without start-up = {f['steady_ratio']}; "
               f"ratio reaches {TARGET_RATIO} from {f['breakeven_tokens']} generated tokens")
+        print("\n| k | ratio | steady_ratio | frontend host CPU us/token: stage / bare | engine core us/token: stage / bare | start-up s: stage / bare (extra) |\n|---|---|---|---|---|---|")
+        for k, sfx in [(args.k, "")] + [(int(x), f"_k{int(x)}") for x in args.extra_k.split(",") if x.strip()]:
+            g = lambda name: f.get(name + sfx)  # noqa: E731
+            print(f"| {k} | {g('ratio')} | {g('steady_ratio')} | {g('stage_host_cpu_us_per_token')} / {g('bare_host_cpu_us_per_token')} | "
+                  f"{g('stage_engine_core_cpu_us_per_token')} / {g('bare_engine_core_cpu_us_per_token')} | "
+                  f"{g('raydistill_fixed_seconds')} / {g('bare_fixed_seconds')} ({g('startup_extra_s')}) |")
+        print(f"\ntimelines (s from spawn): bare {f['bare_timeline']}; stage {f['raydistill_timeline']}")
     figures.update({f"bytes_per_token_k{k}": round(b, 1) for k, (b, _, _) in storage.items()})
     figures.update({f"kl_k{k}": kl for k, (_, kl, _) in storage.items()})
     figures.update({f"column_bytes_per_token_k{k}": cols for k, (_, _, cols) in storage.items()})

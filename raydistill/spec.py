@@ -96,6 +96,14 @@ class TeacherSpec(_Section):
         default_factory=dict,
         description="Extra Ray resources each engine's bundle asks for, e.g. {teacher: 1} to pin engines to a node type the autoscaler adds.",
     )
+    engine_stats: bool = Field(
+        False,
+        description=(
+            "The teacher pass's vLLM engine stats (vLLM's periodic stats log lines) and their export to Ray's metrics "
+            "endpoint. Off by default: they cost the engine's frontend process work at every step. An explicit "
+            "engine_args.disable_log_stats wins."
+        ),
+    )
 
     def cpu_engine_env(self) -> dict[str, str]:
         """The environment variables a vLLM-CPU engine of this teacher starts with (ignored by GPU engines)."""

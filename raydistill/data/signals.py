@@ -65,6 +65,26 @@ vocabulary at k = 50 (``benchmarks/teacher_pass.py``), and it keeps the steps un
 values, so Parquet's dictionary indices stay one byte wide, which zstd compresses well.
 Schema version 3 (ids stored as they are) and 2 (scale 64, the exact top-1 log-prob in
 ``top1_logprob`` instead of the tail) are still read.
+
+**Schema version 5** adds one column (``FULL_SIGNAL_SCHEMA`` = ``SIGNAL_SCHEMA`` + it):
+
+==============  ==========================  =====================================================
+target_logprob  list<float32>               per target position: the teacher's raw log-prob of the
+                                            token actually at ``input_ids[t]`` (sampled in generate
+                                            mode, given in score mode), in the top k or not
+==============  ==========================  =====================================================
+
+On disk it is ``target_logprob_step`` list<uint16>: ``round((lp_0 - target) * scale)``, its offset
+from the top-1 in the steps' own units, decoded against the decoded top-1. So it carries the same
+bound as the top-k (within ``1 / scale`` nats of the engine's), and where the actual token is in the
+top k it decodes to exactly the value stored for that entry. 65535 marks a missing value (NaN).
+Offsets beyond 65534 steps (a log-prob of -inf) are clipped there.
+
+``SIGNAL_SCHEMA`` stays the columns every readable version has, and what the readers return by
+default; ask for ``target_logprob`` by name (``load_signals(d, columns=[..., "target_logprob"])``).
+Versions 2-4 do not store it: there the readers fill it from the top k where the actual token is
+among them, and NaN where it is not (generate mode at temperature 1 samples outside the top k now
+and then; score mode's given text does so more often). Only version 5 has it at every position.
 """
 
 from __future__ import annotations
@@ -76,8 +96,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-SCHEMA_VERSION = 4
-READABLE_SCHEMA_VERSIONS = (2, 3, 4)
+SCHEMA_VERSION = 5
+READABLE_SCHEMA_VERSIONS = (2, 3, 4, 5)
 META_FILE = "_signals.json"
 LOGPROB_SCALE = 16
 PARQUET_COMPRESSION = "zstd"
@@ -95,10 +115,17 @@ SIGNAL_SCHEMA = pa.schema(
     ]
 )
 SIGNAL_COLUMNS = SIGNAL_SCHEMA.names
+TARGET_LOGPROB_FIELD = pa.field("target_logprob", pa.list_(pa.float32()))
+# What the teacher pass writes (v5): SIGNAL_SCHEMA plus the columns older versions lack.
+FULL_SIGNAL_SCHEMA = pa.schema(list(SIGNAL_SCHEMA) + [TARGET_LOGPROB_FIELD])
+FULL_SIGNAL_COLUMNS = FULL_SIGNAL_SCHEMA.names
 STORED_SCHEMA = pa.schema(
     [f for f in SIGNAL_SCHEMA if f.name != "topk_logprobs"]
     + [pa.field("tail_logprob", pa.list_(pa.float16())), pa.field("topk_logprob_steps", pa.list_(pa.list_(pa.uint16())))]
 )
+STORED_TARGET_FIELD = pa.field("target_logprob_step", pa.list_(pa.uint16()))
+FULL_STORED_SCHEMA = pa.schema(list(STORED_SCHEMA) + [STORED_TARGET_FIELD])
+_TARGET_MISSING = np.iinfo(np.uint16).max
 
 
 def _leaf_path(field: pa.Field) -> str:
@@ -115,7 +142,7 @@ _TOPK_IDS_LEAF = _leaf_path(STORED_SCHEMA.field("topk_ids"))
 # Parquet's dictionary, which suits the steps (< 256 distinct values) and the ids and text.
 PARQUET_WRITE_ARGS = {
     "compression": PARQUET_COMPRESSION,
-    "use_dictionary": [_leaf_path(f) for f in STORED_SCHEMA if f.name != "topk_ids"],
+    "use_dictionary": [_leaf_path(f) for f in FULL_STORED_SCHEMA if f.name != "topk_ids"],
     "column_encoding": {_TOPK_IDS_LEAF: "BYTE_STREAM_SPLIT"},
 }
 # The learned order lists at most this many ids (it lives in the JSON metadata); the rest of the
@@ -249,12 +276,37 @@ def encode_signals(table: pa.Table, scale: int = LOGPROB_SCALE, id_order=()) -> 
     step_lists = pa.ListArray.from_arrays(pa.array(np.arange(n_pos + 1, dtype=np.int32) * max(k - 1, 0)), pa.array(steps.reshape(-1)))
     with np.errstate(divide="ignore"):  # an empty tail is log(0) = -inf, which float16 holds
         tail = np.log(np.clip(1.0 - np.exp(lp).sum(axis=1), 0.0, 1.0)).astype(np.float16) if k else np.zeros(0, np.float16)
-    stored = table.drop_columns(["topk_logprobs"])
+    has_target = TARGET_LOGPROB_FIELD.name in table.column_names
+    if has_target:
+        target = _per_position(table[TARGET_LOGPROB_FIELD.name], outer)
+        with np.errstate(invalid="ignore"):
+            q_t = np.clip(np.rint((lp[:, 0] - target) * scale), 0, _TARGET_MISSING - 1) if k else np.zeros(0)
+        target_steps = np.where(np.isnan(q_t), _TARGET_MISSING, q_t).astype(np.uint16)
+    stored = table.drop_columns(["topk_logprobs"] + ([TARGET_LOGPROB_FIELD.name] if has_target else []))
     if len(id_order):
         stored = stored.set_column(stored.schema.get_field_index("topk_ids"), "topk_ids", _map_nested(stored["topk_ids"], lambda v: ids_to_codes(v, id_order)))
     stored = stored.append_column("tail_logprob", pa.ListArray.from_arrays(outer, pa.array(tail)))
     stored = stored.append_column("topk_logprob_steps", pa.ListArray.from_arrays(outer, step_lists))
-    return stored.cast(STORED_SCHEMA)
+    if has_target:
+        stored = stored.append_column(STORED_TARGET_FIELD.name, pa.ListArray.from_arrays(outer, pa.array(target_steps)))
+    return stored.cast(FULL_STORED_SCHEMA if has_target else STORED_SCHEMA)
+
+
+def _per_position(column, outer: pa.Array) -> np.ndarray:
+    """A list<float> column -> float64 values aligned with ``outer`` (the top-k's row offsets); NaN where a
+    row's list is null or does not have one value per position (a table built without the column)."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    want = np.diff(outer.to_numpy())
+    out = np.full(int(want.sum()), np.nan)
+    if not len(arr):
+        return out
+    offsets = arr.offsets.to_numpy()
+    values = arr.values.to_numpy(zero_copy_only=False).astype(np.float64)
+    valid = arr.is_valid().to_numpy(zero_copy_only=False) & (np.diff(offsets) == want)
+    dst = np.concatenate([[0], np.cumsum(want)])
+    for r in np.flatnonzero(valid):  # per row, not per position
+        out[dst[r]:dst[r + 1]] = values[offsets[r]:offsets[r + 1]]
+    return out
 
 
 def decode_signals(table: pa.Table, scale: int = LOGPROB_SCALE, id_order=()) -> pa.Table:
@@ -264,7 +316,7 @@ def decode_signals(table: pa.Table, scale: int = LOGPROB_SCALE, id_order=()) -> 
     if "topk_logprob_steps" not in table.column_names:
         return table
     outer, _, steps = _nested_values(table["topk_logprob_steps"])
-    anchor = "tail_logprob" if "tail_logprob" in table.column_names else "top1_logprob"  # v3 or v2
+    anchor = "tail_logprob" if "tail_logprob" in table.column_names else "top1_logprob"  # v3+ or v2
     per_pos = pa.chunked_array(table[anchor]).combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(np.float64)
     n_pos = len(per_pos)
     k = (len(steps) // n_pos + 1) if n_pos else 1
@@ -277,15 +329,64 @@ def decode_signals(table: pa.Table, scale: int = LOGPROB_SCALE, id_order=()) -> 
         lp = per_pos[:, None] + rel
     lists = pa.ListArray.from_arrays(outer, pa.ListArray.from_arrays(pa.array(np.arange(n_pos + 1, dtype=np.int32) * k), pa.array(lp.astype(np.float32).reshape(-1))))
     out = table.drop_columns([anchor, "topk_logprob_steps"]).append_column("topk_logprobs", lists)
-    return out.select([c for c in SIGNAL_COLUMNS if c in out.column_names])
+    if STORED_TARGET_FIELD.name in out.column_names:
+        q_t = _nested_single(out[STORED_TARGET_FIELD.name]).astype(np.float64)
+        target = np.where(q_t == _TARGET_MISSING, np.nan, lp[:, 0] - q_t / scale) if n_pos else np.zeros(0)
+        out = out.drop_columns([STORED_TARGET_FIELD.name]).append_column(TARGET_LOGPROB_FIELD.name, pa.ListArray.from_arrays(outer, pa.array(target.astype(np.float32))))
+    return out.select([c for c in FULL_SIGNAL_COLUMNS if c in out.column_names])
 
 
-def _stored_columns(columns: list[str] | None, schema_version: int) -> list[str] | None:
-    if columns is None:
-        return None
-    out = [c for c in columns if c != "topk_logprobs"]
+def _nested_single(column) -> np.ndarray:
+    """The flat values of a list<x> column (offsets rebased, as Ray's slices need)."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    off = arr.offsets
+    return arr.values.slice(off[0].as_py(), off[-1].as_py() - off[0].as_py()).to_numpy(zero_copy_only=False)
+
+
+def target_logprob_from_topk(table: pa.Table) -> pa.ListArray:
+    """Schema versions 2-4, which do not store ``target_logprob``: the actual token's log-prob where it
+    is in the top k, NaN where it is not. Needs ``input_ids``, ``target_start``, ``topk_ids``, ``topk_logprobs``."""
+    outer, _, ids = _nested_values(table["topk_ids"])
+    _, _, lps = _nested_values(table["topk_logprobs"])
+    counts = np.diff(outer.to_numpy())
+    n_pos = int(counts.sum())
+    if not n_pos:
+        return pa.ListArray.from_arrays(outer, pa.array(np.zeros(0, np.float32)))
+    k = len(ids) // n_pos
+    in_ids = table["input_ids"].combine_chunks()
+    in_off = in_ids.offsets.to_numpy()
+    flat = _nested_single(in_ids)
+    starts = table["target_start"].to_numpy().astype(np.int64)
+    # Position j of row r is the token at input_ids[r][target_start[r] + j].
+    first = np.repeat(in_off[:-1] - in_off[0] + starts, counts)
+    j = np.arange(n_pos) - np.repeat(np.cumsum(counts) - counts, counts)
+    actual = flat[first + j]
+    hit = ids.reshape(n_pos, k) == actual[:, None]
+    picked = np.where(hit.any(axis=1), lps.reshape(n_pos, k)[np.arange(n_pos), hit.argmax(axis=1)], np.nan)
+    return pa.ListArray.from_arrays(outer, pa.array(picked.astype(np.float32)))
+
+
+def _stored_columns(columns: list[str], schema_version: int, stored_target: bool) -> list[str]:
+    """The stored columns that decode to ``columns``. ``stored_target``: the shards hold ``target_logprob_step``
+    (else ``target_logprob`` is filled from the top k, which needs the ids and the top k)."""
+    wanted = set(columns)
+    if TARGET_LOGPROB_FIELD.name in wanted:
+        wanted |= {"topk_logprobs"} | (set() if stored_target else {"input_ids", "target_start", "topk_ids"})
+    out = [c for c in STORED_SCHEMA.names if c in wanted]
     anchor = "top1_logprob" if schema_version == 2 else "tail_logprob"
-    return out + [anchor, "topk_logprob_steps"] if "topk_logprobs" in columns else out
+    if "topk_logprobs" in wanted:
+        out = [c for c in out if c not in (anchor, "topk_logprob_steps")] + [anchor, "topk_logprob_steps"]
+    if TARGET_LOGPROB_FIELD.name in wanted and stored_target:
+        out.append(STORED_TARGET_FIELD.name)
+    return out
+
+
+def _decode_columns(table: pa.Table, columns: list[str], meta: dict) -> pa.Table:
+    """Decode a table read with ``_stored_columns(columns, ...)`` and return exactly ``columns`` (in schema order)."""
+    out = decode_signals(table, meta["logprob_scale"], meta.get("topk_id_order", ()))
+    if TARGET_LOGPROB_FIELD.name in columns and TARGET_LOGPROB_FIELD.name not in out.column_names:
+        out = out.append_column(TARGET_LOGPROB_FIELD.name, target_logprob_from_topk(out))
+    return out.select([c for c in FULL_SIGNAL_COLUMNS if c in columns])
 
 
 def shard_files(signals_dir: str | Path) -> list[str]:
@@ -301,12 +402,15 @@ def shard_files(signals_dir: str | Path) -> list[str]:
 
 
 def load_signals(signals_dir: str | Path, columns: list[str] | None = None) -> pa.Table:
-    """All signal rows of ``signals_dir`` as one decoded ``SIGNAL_SCHEMA`` table (small runs, tests, reports)."""
+    """All signal rows of ``signals_dir`` as one decoded table (small runs, tests, reports): ``SIGNAL_SCHEMA``,
+    or ``columns`` of ``FULL_SIGNAL_SCHEMA`` (``target_logprob`` only when asked for)."""
     import pyarrow.dataset as pads
 
     meta = read_signal_meta(signals_dir)
-    table = pads.dataset(shard_files(signals_dir), format="parquet").to_table(columns=_stored_columns(columns, meta["schema_version"]))
-    return decode_signals(table, meta["logprob_scale"], meta.get("topk_id_order", ()))
+    columns = list(SIGNAL_COLUMNS) if columns is None else list(columns)
+    ds = pads.dataset(shard_files(signals_dir), format="parquet")
+    table = ds.to_table(columns=_stored_columns(columns, meta["schema_version"], STORED_TARGET_FIELD.name in ds.schema.names))
+    return _decode_columns(table, columns, meta)
 
 
 def read_signals(signals_dir: str | Path, split: str | None = None):
@@ -314,7 +418,8 @@ def read_signals(signals_dir: str | Path, split: str | None = None):
     import ray.data
 
     meta = read_signal_meta(signals_dir)
-    ds = ray.data.read_parquet(shard_files(signals_dir))
+    # The SIGNAL_SCHEMA columns, as before v5: training reads no target_logprob.
+    ds = ray.data.read_parquet(shard_files(signals_dir), columns=_stored_columns(list(SIGNAL_COLUMNS), meta["schema_version"], False))
     if split is not None:
         ds = ds.filter(expr=f"split == '{split}'")
     return ds.map_batches(decode_signals, fn_kwargs={"scale": meta["logprob_scale"], "id_order": meta.get("topk_id_order", ())}, batch_format="pyarrow")

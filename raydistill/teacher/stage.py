@@ -1,8 +1,12 @@
 """Teacher stage: corpus -> teacher requests -> vLLM engines (ray.data.llm) -> top-k signals.
 
 The engine pool is ray.data.llm's own vLLM processor (an autoscaling actor pool); this module
-builds its config, shapes rows on the way in (``_engine_request``) and flattens vLLM's log-prob
-dicts on the way out (``to_signal_row``), because those dicts do not convert to Arrow.
+builds its config. The pass runs the processor's engine stage with our engine actor
+(``teacher_signals``, ``raydistill.teacher.engine.SignalEngineUDF``), which writes the signal
+columns as arrays straight from vLLM's flat log-probs. The processor's own row-wise path, with its
+pre- and post-process maps (``build_teacher_processor``: ``_engine_request`` in, vLLM's log-prob
+dicts flattened by ``to_signal_row`` out), is kept as the reference the array path is tested
+against; ``to_signal_row`` is also the on-policy scorer's conversion.
 
 Interrupting is safe: shards that were completely written are kept, a re-run skips their ids,
 and truncated shards (a SIGKILL mid-write leaves no Parquet footer) are deleted.
@@ -20,7 +24,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raydistill.data.signals import LOGPROB_SCALE, META_FILE, PARQUET_COMPRESSION, PARQUET_WRITE_ARGS, SIGNAL_COLUMNS, SIGNAL_SCHEMA, encode_signals
+from raydistill.data.signals import FULL_SIGNAL_COLUMNS, FULL_SIGNAL_SCHEMA, LOGPROB_SCALE, META_FILE, PARQUET_COMPRESSION, PARQUET_WRITE_ARGS, encode_signals
 from raydistill.spec import DataSpec, TeacherPassSpec, TeacherSpec
 from raydistill.fileio import write_atomic
 
@@ -133,18 +137,22 @@ def _expand_samples(row: dict[str, Any], n: int) -> list[dict[str, Any]]:
     return [{**row, "id": f"{row['id']}#{i}"} for i in range(n)]
 
 
-def build_teacher_processor(teacher: TeacherSpec, teacher_pass: TeacherPassSpec, model_path: str, engines_dir: str | None = None):
-    """ray.data.llm's vLLM processor for the teacher. Each engine actor chooses its dtype on its node
-    (``raydistill.teacher.engine``) and records the choice under ``engines_dir`` (a temp dir if None)."""
-    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+def _processor_config(teacher: TeacherSpec, teacher_pass: TeacherPassSpec, model_path: str, engine_stats: bool | None):
+    """ray.data.llm's vLLM processor config for the teacher; ``engine_stats`` None keeps the library's defaults."""
+    from ray.data.llm import vLLMEngineProcessorConfig
 
     tp = int(teacher.engine_args.get("tensor_parallel_size", 1))
     bundle = {"GPU": 1} if teacher.use_gpu else {"CPU": 1}
     bundle.update(teacher.resources)
     replicas = teacher.replicas
-    config = vLLMEngineProcessorConfig(
+    kwargs = engine_kwargs(teacher, teacher_pass)
+    stats = {}
+    if engine_stats is not None:
+        kwargs = {"disable_log_stats": not engine_stats, **kwargs}  # an explicit teacher.engine_args entry wins
+        stats = {"log_engine_metrics": engine_stats}
+    return vLLMEngineProcessorConfig(
         model_source=model_path,
-        engine_kwargs=engine_kwargs(teacher, teacher_pass),
+        engine_kwargs=kwargs,
         runtime_env={"env_vars": teacher.cpu_engine_env()},
         placement_group_config={"bundles": [bundle] * tp},
         accelerator_type=teacher.accelerator_type,
@@ -156,10 +164,19 @@ def build_teacher_processor(teacher: TeacherSpec, teacher_pass: TeacherPassSpec,
         chat_template_stage=False,
         tokenize_stage=False,
         detokenize_stage=False,
+        **stats,
     )
+
+
+def build_teacher_processor(teacher: TeacherSpec, teacher_pass: TeacherPassSpec, model_path: str, engines_dir: str | None = None):
+    """ray.data.llm's vLLM processor for the teacher, on the library's row-wise dict path (the reference
+    ``teacher_signals`` is tested against). Each engine actor chooses its dtype on its node
+    (``raydistill.teacher.engine``) and records the choice under ``engines_dir`` (a temp dir if None)."""
+    from ray.data.llm import build_processor
+
     params, mode, k = sampling_params(teacher_pass), teacher_pass.mode, teacher_pass.top_k
     processor = build_processor(
-        config,
+        _processor_config(teacher, teacher_pass, model_path, None),
         preprocess=lambda row: _engine_request(row, params, mode),
         postprocess=lambda row: to_signal_row(row, k, mode),
     )
@@ -167,6 +184,20 @@ def build_teacher_processor(teacher: TeacherSpec, teacher_pass: TeacherPassSpec,
 
     install(processor, DTYPE_KEY, engines_dir or tempfile.mkdtemp(prefix="rd-engines-"))  # each engine picks its dtype on its own node
     return processor
+
+
+def teacher_signals(requests, teacher: TeacherSpec, teacher_pass: TeacherPassSpec, model_path: str, engines_dir: str | None = None):
+    """Teacher requests (one per row) -> signal rows (``FULL_SIGNAL_SCHEMA`` plus ``reject``), lazily, through the
+    teacher's engine pool: ray.data.llm's engine stage with ``SignalEngineUDF`` actors, which write the
+    columns as arrays. The pool, placement groups and error handling are the processor's (see
+    ``raydistill.teacher.engine.apply_signal_engines``)."""
+    from ray.data.llm import build_processor
+
+    from raydistill.teacher.engine import apply_signal_engines
+
+    processor = build_processor(_processor_config(teacher, teacher_pass, model_path, teacher.engine_stats))
+    return apply_signal_engines(requests, processor, dtype_key=DTYPE_KEY, report_dir=engines_dir or tempfile.mkdtemp(prefix="rd-engines-"),
+                                mode=teacher_pass.mode, top_k=teacher_pass.top_k, params=sampling_params(teacher_pass))
 
 
 class _RejectSink:
@@ -192,7 +223,7 @@ class _RejectSink:
             self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        good = _drop_bad_rows(batch, self.parts_dir).select(SIGNAL_COLUMNS).cast(SIGNAL_SCHEMA)
+        good = _drop_bad_rows(batch, self.parts_dir).select(FULL_SIGNAL_COLUMNS).cast(FULL_SIGNAL_SCHEMA)
         if self.tokenizer is not None and good.num_rows:
             good = good.set_column(good.schema.get_field_index("response"), "response", pa.array(response_texts(good, self.tokenizer), pa.string()))
         if self.id_order is None and good.num_rows:
@@ -322,7 +353,7 @@ def run_teacher_stage(data: DataSpec, teacher: TeacherSpec, teacher_pass: Teache
     )
     engines_dir = Path(signals_dir) / _ENGINES
     shutil.rmtree(engines_dir, ignore_errors=True)
-    signals = build_teacher_processor(teacher, teacher_pass, teacher_path, str(engines_dir))(todo)
+    signals = teacher_signals(todo, teacher, teacher_pass, teacher_path, str(engines_dir))
     # batch_size=None: one engine output block at a time. Finished batches are gathered into shards
     # of ~shard_rows rows as they arrive; complete shards are what a re-run after an interruption keeps.
     decode_with = teacher_path if needs_response_text(sampling_params(teacher_pass), teacher_pass.mode) else None

@@ -228,3 +228,64 @@ def test_repeated_ids_are_named_before_any_engine_starts(ray_local, tiny_spec, m
         run_teacher_stage(data, tiny_spec.teacher, tp, model_paths[0], str(tmp_path / "signals"))
     assert f"'a' at {corpus}:1, {corpus}:3" in str(err.value) and "'b'" not in str(err.value)
     assert not list((tmp_path / "signals").glob("*.parquet"))
+
+
+def _plain(x):
+    """Ray rows (numpy arrays, nested) -> plain Python lists, for comparing the two paths' rows."""
+    if isinstance(x, np.ndarray):
+        return [_plain(v) for v in x] if x.dtype == object else x.tolist()
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x.item() if isinstance(x, np.generic) else x
+
+
+def test_array_path_matches_the_dict_path_on_the_real_teacher(ray_local, tiny_spec, model_paths, tmp_path):
+    """The same score-mode requests through ray.data.llm's dict path (processor + to_signal_row) and through the
+    array path (SignalEngineUDF): the same ids, target starts, top-k ids and log-probs; target_logprob is the
+    given token's log-prob, equal to its top-k entry wherever it is in the top k."""
+    from raydistill.data.corpus import prepare_requests
+    from raydistill.teacher.stage import build_teacher_processor, max_prompt_tokens, teacher_signals
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in GOOD))
+    data, tp = _spec_with(tiny_spec, tmp_path, corpus, data={"eval_fraction": 0.0}, teacher_pass={"mode": "score", "top_k": 4})
+    path = model_paths[0]
+    requests = prepare_requests(data, tp, path, max_prompt_tokens(data, tiny_spec.teacher, tp, path)).filter(lambda r: r["reject"] == "").materialize()
+
+    old = {r["id"]: r for r in (_plain(dict(r)) for r in build_teacher_processor(tiny_spec.teacher, tp, path)(requests).take_all())}
+    new = {r["id"]: r for r in (_plain(dict(r)) for r in teacher_signals(requests, tiny_spec.teacher, tp, path).take_all())}
+    assert sorted(old) == sorted(new) == ["g1", "g2", "g3"]
+    outside = 0
+    for i in old:
+        o, n = old[i], new[i]
+        assert n["reject"] == o["reject"] == ""
+        for c in ("input_ids", "target_start", "topk_ids", "response"):
+            assert n[c] == o[c], (i, c)
+        # Two engines, each batching on its own: vLLM-CPU's float32 sums can differ in the last bits between
+        # batch shapes; the conversions themselves are exact (tests/unit/test_teacher_arrays.py, same outputs).
+        np.testing.assert_allclose(np.asarray(n["topk_logprobs"]), np.asarray(o["topk_logprobs"], np.float32), rtol=0, atol=1e-5)
+        assert len(n["target_logprob"]) == len(n["topk_ids"])
+        for t, (ids_t, lps_t, lp) in enumerate(zip(n["topk_ids"], n["topk_logprobs"], n["target_logprob"])):
+            actual = n["input_ids"][n["target_start"] + t]
+            if actual in ids_t:
+                assert lp == lps_t[ids_t.index(actual)]
+            else:
+                outside += 1
+                assert lp <= lps_t[-1]
+    assert outside > 0  # the random tiny teacher puts given tokens outside its top 4: that case is covered
+
+
+def test_repeated_ids_are_found_across_files_and_shown_by_id(ray_local, tiny_spec, tmp_path):
+    """The duplicate-id pre-pass names every place a repeated id occurs, across files, the first ``shown`` by id; unique ids pass."""
+    from raydistill.data.corpus import duplicate_ids
+
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(json.dumps({"id": i, "prompt": "x"}) + "\n" for i in ["u1", "r1", "u2", "r2", "r1"]) + "not json\n")
+    b.write_text("".join(json.dumps({"id": i, "prompt": "y"}) + "\n" for i in ["r1", "u3", "r2"]) + json.dumps({"prompt": "no id"}) + "\n")
+    data = tiny_spec.data.model_copy(update={"path": f"{a},{b}"})
+    expected = [("r1", [f"{a}:2", f"{a}:5", f"{b}:1"]), ("r2", [f"{a}:4", f"{b}:3"])]
+    assert duplicate_ids(data, 10) == expected
+    assert duplicate_ids(data, 1) == expected[:1]
+    unique = tmp_path / "u.jsonl"
+    unique.write_text("".join(json.dumps({"id": f"p{i}", "prompt": "z"}) + "\n" for i in range(300)))
+    assert duplicate_ids(tiny_spec.data.model_copy(update={"path": str(unique)}), 10) == []

@@ -221,3 +221,86 @@ def test_encoding_with_an_id_order_stores_codes_and_decodes_the_ids(tmp_path):
     back = load_signals(tmp_path)
     assert back["topk_ids"].to_pylist() == table["topk_ids"].to_pylist()
     assert load_signals(tmp_path, columns=["id", "topk_ids"])["topk_ids"].to_pylist() == table["topk_ids"].to_pylist()
+
+
+def _v5_table(n_rows=8, k=6, seed=1):
+    """A FULL_SIGNAL_SCHEMA table: target_logprob at every position, the actual token in the top k at some positions."""
+    from raydistill.data.signals import FULL_SIGNAL_SCHEMA
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n_rows):
+        n_pos = int(rng.integers(0, 6))
+        lp = np.log(rng.dirichlet(np.ones(60) * 0.3))
+        top = np.argsort(-lp)[:k]
+        actual = rng.integers(0, 60, n_pos)
+        rows.append({"id": f"r{i}", "split": "train", "input_ids": [1, 2] + actual.tolist(), "target_start": 2,
+                     "topk_ids": [top.tolist()] * n_pos, "topk_logprobs": [lp[top].tolist()] * n_pos, "prompt": "p", "response": "r",
+                     "target_logprob": lp[actual].tolist()})
+    return pa.Table.from_pylist(rows).select(FULL_SIGNAL_SCHEMA.names).cast(FULL_SIGNAL_SCHEMA)
+
+
+@pytest.mark.parametrize("scale", [16, 64])
+def test_v5_target_logprob_round_trips_and_agrees_with_the_top_k(scale):
+    from raydistill.data.signals import FULL_SIGNAL_SCHEMA, FULL_STORED_SCHEMA
+
+    table = _v5_table()
+    stored = encode_signals(table, scale=scale)
+    assert stored.schema == FULL_STORED_SCHEMA
+    back = decode_signals(stored, scale=scale)
+    assert back.schema == FULL_SIGNAL_SCHEMA
+    for row, orig in zip(back.to_pylist(), table.to_pylist()):
+        assert len(row["target_logprob"]) == len(row["topk_ids"])
+        for t, (ids_t, lps_t, lp) in enumerate(zip(row["topk_ids"], row["topk_logprobs"], row["target_logprob"])):
+            # Within a step of the engine's value, as the top k are (half a step plus the shared shift).
+            assert lp == pytest.approx(orig["target_logprob"][t], abs=1.0 / scale + 1e-5)
+            actual = row["input_ids"][row["target_start"] + t]
+            if actual in ids_t:  # the same value as the stored top-k entry, exactly
+                assert lp == lps_t[ids_t.index(actual)]
+    # Sliced batches (Ray's) decode the same.
+    assert decode_signals(encode_signals(table.slice(2, 4), scale=scale), scale=scale)["target_logprob"].to_pylist() == back.slice(2, 4)["target_logprob"].to_pylist()
+
+
+def test_v5_missing_and_minus_inf_target_logprobs():
+    from raydistill.data.signals import FULL_SIGNAL_SCHEMA
+
+    row = {"id": "a", "split": "train", "input_ids": [1, 5, 6, 7], "target_start": 1, "topk_ids": [[5, 6], [6, 5], [7, 5]],
+           "topk_logprobs": [[-0.1, -3.0], [-0.2, -2.0], [-0.3, -1.5]], "prompt": "p", "response": "r", "target_logprob": [-0.1, float("nan"), float("-inf")]}
+    table = pa.Table.from_pylist([row]).select(FULL_SIGNAL_SCHEMA.names).cast(FULL_SIGNAL_SCHEMA)
+    back = decode_signals(encode_signals(table))["target_logprob"].to_pylist()[0]
+    assert back[0] == pytest.approx(-0.1, abs=1 / 16) and np.isnan(back[1]) and back[2] < -4000
+    # A table built without the column's values (null lists) stores NaN, not garbage.
+    nulls = pa.Table.from_pylist([{k: v for k, v in row.items() if k != "target_logprob"}], schema=FULL_SIGNAL_SCHEMA)
+    assert all(np.isnan(decode_signals(encode_signals(nulls))["target_logprob"].to_pylist()[0]))
+
+
+def test_readers_return_the_v4_columns_unless_target_logprob_is_asked_for_and_fill_it_for_old_versions(tmp_path):
+    import json
+
+    import pyarrow.parquet as pq
+
+    from raydistill.data.signals import PARQUET_WRITE_ARGS, load_signals
+
+    table = _v5_table(n_rows=10, seed=4)
+    v5, v4 = tmp_path / "v5", tmp_path / "v4"
+    for d, t, version in ((v5, table, 5), (v4, table.drop_columns(["target_logprob"]), 4)):
+        d.mkdir()
+        pq.write_table(encode_signals(t), d / "part-0.parquet", **PARQUET_WRITE_ARGS)
+        write_signal_meta(d, {"logprob_scale": 16})
+        meta = json.loads((d / "_signals.json").read_text())
+        (d / "_signals.json").write_text(json.dumps({**meta, "schema_version": version}))
+    for d in (v5, v4):
+        assert load_signals(d).schema == SIGNAL_SCHEMA
+    got5 = load_signals(v5, columns=["id", "target_logprob"])
+    assert got5.column_names == ["id", "target_logprob"]
+    got4 = load_signals(v4, columns=["target_logprob", "input_ids"]).to_pylist()
+    full4 = load_signals(v4).to_pylist()
+    for row, full, want in zip(got4, full4, got5["target_logprob"].to_pylist()):
+        for t, lp in enumerate(row["target_logprob"]):
+            ids_t, lps_t = full["topk_ids"][t], full["topk_logprobs"][t]
+            actual = full["input_ids"][full["target_start"] + t]
+            if actual in ids_t:  # v4 lacks the column; it is filled where the top k hold the actual token...
+                assert lp == lps_t[ids_t.index(actual)] == want[t]
+            else:  # ...and is NaN where they do not
+                assert np.isnan(lp)
+    assert any(np.isnan(x) for r in got4 for x in r["target_logprob"]) and any(not np.isnan(x) for r in got4 for x in r["target_logprob"])

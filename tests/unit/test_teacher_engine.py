@@ -43,3 +43,22 @@ def test_engine_deaths_restart_a_bounded_number_of_times_then_rows_fail_with_the
     assert started == [] and len(died) == MAX_ENGINE_DEATHS + 2
     assert sum(d["fatal"] for d in died) == 2 and all(d["node"] == "node-a" for d in died)
     assert all("SIGILL" in json.dumps(d["hint"]) for d in died)
+
+
+
+@pytest.mark.parametrize(("overrides", "disabled", "exported"), [
+    ([], True, False),
+    (["teacher.engine_stats=true"], False, True),
+    (["teacher.engine_args.disable_log_stats=false"], False, False),
+])
+def test_engine_stats_are_off_unless_the_spec_turns_them_on(overrides, disabled, exported):
+    """teacher.engine_stats drives vLLM's stats and ray.data.llm's metrics export; an explicit engine_args entry wins."""
+    from pathlib import Path
+
+    from raydistill.spec import load_spec
+    from raydistill.teacher.stage import _processor_config
+
+    spec = load_spec(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml", overrides)
+    config = _processor_config(spec.teacher, spec.teacher_pass, "/models/teacher", spec.teacher.engine_stats)
+    assert config.engine_kwargs["disable_log_stats"] is disabled
+    assert config.log_engine_metrics is exported
