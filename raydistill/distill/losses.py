@@ -22,6 +22,13 @@ T**2.
 
 These functions return per-token losses; the one normalization (mean over the target tokens of
 the global batch) happens in ``raydistill.distill.train`` where the global count is known.
+
+Masked entries: a negative id in ``topk_ids`` marks a padding entry (``raydistill.teacher.ensemble``
+pads the union of several teachers' top-k lists to a fixed width with id -1 and log-prob -inf).
+It is no outcome at all: the teacher's probability there is 0 and the student's is 0 too, so it
+adds nothing to the student's top-k mass, takes nothing from its tail, and adds exactly 0 to
+every divergence and its gradient. The teacher's log-prob at a masked entry is ignored (treated
+as -inf) whatever is stored. Rows without masked entries compute exactly what they did before.
 """
 
 from __future__ import annotations
@@ -51,9 +58,12 @@ def teacher_tail_mass(topk_logprobs: torch.Tensor) -> torch.Tensor:
     return (1.0 - _at_least_float32(topk_logprobs).exp().sum(-1)).clamp(0.0, 1.0)
 
 
-def _folded_teacher(topk_logprobs: torch.Tensor, temperature: float) -> torch.Tensor:
-    """[N, K] -> [N, K+1] teacher probabilities over (top-k, tail)."""
+def _folded_teacher(topk_logprobs: torch.Tensor, temperature: float, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """[N, K] -> [N, K+1] teacher probabilities over (top-k, tail); [N, K] ``valid`` False gives p = 0 exactly."""
     lp = _at_least_float32(topk_logprobs)
+    if valid is not None:
+        # Finite, not -inf: the tempered softmax of a fully masked row must not be 0/0.
+        lp = lp.masked_fill(~valid, _MASK_VALUE)
     tail = teacher_tail_mass(lp)
     if temperature != 1.0:
         top = (1.0 - tail).unsqueeze(-1) * torch.softmax(lp / temperature, dim=-1)
@@ -68,8 +78,25 @@ def _folded_teacher(topk_logprobs: torch.Tensor, temperature: float) -> torch.Te
 _CHEAP_TAIL_MIN = 1e-2
 
 
+def _fill_masked_ids(topk_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[N, K] ids with each masked (negative) id replaced by the first valid id of its row (0 if none).
+
+    The student's values at masked entries are discarded, but gather and scatter need a real
+    index; a duplicate of the row's own id is one that changes nothing in the exact-tail scatter
+    below (which masks the top-k ids out of the vocabulary), where any other id would mask a
+    token that is not there. A row with no valid id never takes that path: its top mass is 0.
+    """
+    if not topk_ids.shape[-1]:  # argmax has nothing to reduce
+        return topk_ids
+    first = topk_ids.gather(-1, valid.float().argmax(-1, keepdim=True)).clamp_min(0)
+    return torch.where(valid, topk_ids, first)
+
+
 def _student_tail_logprob(z: torch.Tensor, log_z: torch.Tensor, top: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
     """[N, 1] log of the student's mass outside its top-k ids.
+
+    ``topk_ids`` [N, K] must be valid indices (masked ones filled by ``_fill_masked_ids``) and
+    ``top`` [N, K] the log-probs at them, with masked entries at ``_MASK_VALUE`` (exp = 0).
 
     Mostly ``log(1 - sum(exp(top)))`` from the [N, K] top-k log-probs already at hand; only rows
     whose tail is small enough to suffer cancellation take a masked logsumexp over their [V]
@@ -122,15 +149,19 @@ def _student_parts(logits: torch.Tensor, topk_ids: torch.Tensor, temperature: fl
     ``z`` [N, V] are the float32 logits divided by the temperature and ``log_z`` [N, 1] their
     logsumexp. With ``targets`` [N], their log-probs at ``temperature`` come from the same pass
     (the CE term at T=1 and the sampled reverse KL reuse it); otherwise the last item is None.
+    Masked (negative) ids get the log-prob ``_MASK_VALUE``: q = 0 exactly, yet finite, so that a
+    teacher p = 0 times it is 0 and not nan; the mask makes it a constant, so no gradient flows there.
     """
     z = logits.float()
     if temperature != 1.0:
         z = z / temperature
-    idx = topk_ids if targets is None else torch.cat([topk_ids, targets.unsqueeze(-1)], dim=-1)
+    valid = topk_ids >= 0
+    ids = _fill_masked_ids(topk_ids, valid)
+    idx = ids if targets is None else torch.cat([ids, targets.unsqueeze(-1)], dim=-1)
     at, log_z = _LogSoftmaxAt.apply(z, idx)
     k = topk_ids.shape[-1]
-    top = at[:, :k]
-    folded = torch.cat([top, _student_tail_logprob(z, log_z, top, topk_ids)], dim=-1)
+    top = at[:, :k].masked_fill(~valid, _MASK_VALUE)
+    folded = torch.cat([top, _student_tail_logprob(z, log_z, top, ids)], dim=-1)
     return folded, z, log_z, (at[:, k] if targets is not None else None)
 
 
@@ -139,15 +170,15 @@ def _folded_student_logprobs(logits: torch.Tensor, topk_ids: torch.Tensor, tempe
     return _student_parts(logits, topk_ids, temperature)[0]
 
 
-def _teacher_parts(topk_logprobs: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """[N, K] -> ([N, K+1] folded teacher probs p, their log-probs).
+def _teacher_parts(topk_logprobs: torch.Tensor, temperature: float, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] (and [N, K] bool ``valid``) -> ([N, K+1] folded teacher probs p, their log-probs).
 
     The teacher's log-probs are floored like the student's tail: a zero teacher tail (K == V, or
     a top-k holding all the mass to float32 precision) would otherwise put log 0 = -inf into
     every term where the student's mass multiplies log p (reverse KL, mixtures). A floored
     outcome with p = 0 still contributes exactly 0 wherever p multiplies it.
     """
-    p = _folded_teacher(topk_logprobs, temperature)
+    p = _folded_teacher(topk_logprobs, temperature, valid)
     return p, p.log().clamp_min(_MIN_TAIL_LOGPROB)
 
 
@@ -213,10 +244,22 @@ _FOLDED = {
 }
 
 
-def _divergence(name: str, log_q: torch.Tensor, topk_logprobs: torch.Tensor, temperature: float, params: dict) -> torch.Tensor:
-    """[N, K+1] folded student log-probs, [N, K] teacher log-probs -> [N] loss, >= 0, times T**2."""
-    p, log_p = _teacher_parts(topk_logprobs, temperature)
+def _divergence(
+    name: str, log_q: torch.Tensor, topk_logprobs: torch.Tensor, temperature: float, params: dict, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[N, K+1] folded student log-probs, [N, K] teacher log-probs (and bool ``valid``) -> [N] loss, >= 0, times T**2.
+
+    At a masked entry p = 0, log p = -100 (the floor) and log q = ``_MASK_VALUE``, q = 0: every
+    divergence's term there is 0 times a finite number (KL, JSD, skew KL) or |0 - 0| (TVD),
+    exactly 0, so no explicit masking of the terms is needed.
+    """
+    p, log_p = _teacher_parts(topk_logprobs, temperature, valid)
     return _FOLDED[name](p, log_p, log_q, **params).clamp_min(0.0) * temperature**2
+
+
+def _kd(name: str, logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, temperature: float, params: dict) -> torch.Tensor:
+    log_q = _folded_student_logprobs(logits, topk_ids, temperature)
+    return _divergence(name, log_q, topk_logprobs, temperature, params, topk_ids >= 0)
 
 
 def forward_kl(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -225,7 +268,7 @@ def forward_kl(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torc
     logits: [N, V] student logits. topk_ids: [N, K] int64. topk_logprobs: [N, K] teacher log-probs.
     Returns [N] float32, each >= 0.
     """
-    return _divergence("forward_kl", _folded_student_logprobs(logits, topk_ids, temperature), topk_logprobs, temperature, {})
+    return _kd("forward_kl", logits, topk_ids, topk_logprobs, temperature, {})
 
 
 def reverse_kl(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -235,7 +278,7 @@ def reverse_kl(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torc
     Returns [N] float32, each >= 0. Where the teacher's tail is empty, student tail mass is
     charged against the floored log-prob (-100), a strong but finite penalty.
     """
-    return _divergence("reverse_kl", _folded_student_logprobs(logits, topk_ids, temperature), topk_logprobs, temperature, {})
+    return _kd("reverse_kl", logits, topk_ids, topk_logprobs, temperature, {})
 
 
 def jsd(
@@ -252,7 +295,7 @@ def jsd(
     logits: [N, V] student logits. topk_ids: [N, K] int64. topk_logprobs: [N, K] teacher log-probs.
     Returns [N] float32, each >= 0.
     """
-    return _divergence("jsd", _folded_student_logprobs(logits, topk_ids, temperature), topk_logprobs, temperature, {"beta": beta})
+    return _kd("jsd", logits, topk_ids, topk_logprobs, temperature, {"beta": beta})
 
 
 def skew_forward_kl(
@@ -267,7 +310,7 @@ def skew_forward_kl(
     logits: [N, V] student logits. topk_ids: [N, K] int64. topk_logprobs: [N, K] teacher log-probs.
     Returns [N] float32, each >= 0.
     """
-    return _divergence("skew_forward_kl", _folded_student_logprobs(logits, topk_ids, temperature), topk_logprobs, temperature, {"alpha": alpha})
+    return _kd("skew_forward_kl", logits, topk_ids, topk_logprobs, temperature, {"alpha": alpha})
 
 
 def skew_reverse_kl(
@@ -281,7 +324,7 @@ def skew_reverse_kl(
     logits: [N, V] student logits. topk_ids: [N, K] int64. topk_logprobs: [N, K] teacher log-probs.
     Returns [N] float32, each >= 0.
     """
-    return _divergence("skew_reverse_kl", _folded_student_logprobs(logits, topk_ids, temperature), topk_logprobs, temperature, {"alpha": alpha})
+    return _kd("skew_reverse_kl", logits, topk_ids, topk_logprobs, temperature, {"alpha": alpha})
 
 
 def tvd(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -290,7 +333,7 @@ def tvd(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tenso
     logits: [N, V] student logits. topk_ids: [N, K] int64. topk_logprobs: [N, K] teacher log-probs.
     Returns [N] float32, each >= 0.
     """
-    return _divergence("tvd", _folded_student_logprobs(logits, topk_ids, temperature), topk_logprobs, temperature, {})
+    return _kd("tvd", logits, topk_ids, topk_logprobs, temperature, {})
 
 
 SAMPLED_LOSS = "sampled_reverse_kl"
@@ -382,7 +425,7 @@ def distill_token_losses(
     if loss == SAMPLED_LOSS:
         kd = _sampled_reverse_kl(log_q_target, target_logprob.float(), params.get("estimator", "pg")) * temperature**2
     else:
-        kd = _divergence(loss, log_q, topk_logprobs, temperature, params)
+        kd = _divergence(loss, log_q, topk_logprobs, temperature, params, topk_ids >= 0)
     if temperature == 1.0:
         # The KD term's logsumexp is the CE's too: one pass over the vocabulary, not two.
         ce = -log_q_target
