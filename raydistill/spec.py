@@ -66,6 +66,14 @@ class ReplicasSpec(_Section):
         return self
 
 
+_THREADS_BIND_PATTERN = r"^(auto|all|nobind|[0-9][0-9,|-]*)$"
+
+
+def threads_bind_env(bind: str) -> str:
+    """A ``cpu_threads_bind`` setting as vLLM's VLLM_CPU_OMP_THREADS_BIND: 'all' is every core this process may use."""
+    return ",".join(str(c) for c in sorted(os.sched_getaffinity(0))) if bind == "all" else bind
+
+
 class TeacherSpec(_Section):
     model: ModelRef = Field(description="The teacher: a local Hugging Face model directory, or a builtin reference such as 'tiny:teacher'.")
     engine_args: dict[str, Any] = Field(
@@ -84,7 +92,7 @@ class TeacherSpec(_Section):
     cpu_kv_cache_gib: int = Field(1, ge=1, description="KV cache per engine in GiB when vLLM runs on CPU (VLLM_CPU_KVCACHE_SPACE).")
     cpu_threads_bind: str = Field(
         "auto",
-        pattern=r"^(auto|all|nobind|[0-9][0-9,|-]*)$",
+        pattern=_THREADS_BIND_PATTERN,
         description=(
             "Cores the model threads of a CPU engine run on (vLLM's VLLM_CPU_OMP_THREADS_BIND), for the teacher pass and the "
             "report's generation runs: 'auto' (vLLM's default, which leaves one core per engine to its scheduler: half of a "
@@ -107,10 +115,7 @@ class TeacherSpec(_Section):
 
     def cpu_engine_env(self) -> dict[str, str]:
         """The environment variables a vLLM-CPU engine of this teacher starts with (ignored by GPU engines)."""
-        bind = self.cpu_threads_bind
-        if bind == "all":
-            bind = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
-        return {"VLLM_CPU_KVCACHE_SPACE": str(self.cpu_kv_cache_gib), "VLLM_CPU_OMP_THREADS_BIND": bind}
+        return {"VLLM_CPU_KVCACHE_SPACE": str(self.cpu_kv_cache_gib), "VLLM_CPU_OMP_THREADS_BIND": threads_bind_env(self.cpu_threads_bind)}
 
     @field_validator("engine_args")
     @classmethod
@@ -495,6 +500,16 @@ class ServeSpec(_Section):
     replica_resources: dict[str, float] = Field(
         default_factory=lambda: {"CPU": 1.0},
         description="Ray resources of one replica's vLLM engine (its placement-group bundle), e.g. {GPU: 1, CPU: 4} on a GPU cluster.",
+    )
+    cpu_threads_bind: str = Field(
+        "auto",
+        pattern=_THREADS_BIND_PATTERN,
+        description=(
+            "Cores the model threads of a CPU replica's vLLM engine run on, as teacher.cpu_threads_bind: 'auto' (vLLM's "
+            "default, one core per engine left to its scheduler: half of a 2-core laptop), 'all' (every core the serving "
+            "CLI's machine lets it use: one replica on a small machine), 'nobind', or vLLM's CPU lists such as '0-3|4-7'. "
+            "No effect on GPU replicas."
+        ),
     )
 
     @field_validator("engine_args")

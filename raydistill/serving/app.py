@@ -10,7 +10,7 @@ from pathlib import Path
 
 from raydistill.serving.guard import Limits, key_digest
 from raydistill.serving.targets import Served
-from raydistill.spec import ServeSpec, SpecError
+from raydistill.spec import ServeSpec, SpecError, threads_bind_env
 
 # vLLM on CPU sizes its KV cache from this (GiB); its GPU-memory heuristic fails on CPU hosts.
 CPU_KV_CACHE_GIB = "1"
@@ -55,7 +55,7 @@ def llm_config(model: Served, serve: ServeSpec):
     return LLMConfig(
         model_loading_config={"model_id": model.model_id, "model_source": model.path},
         engine_kwargs=engine_args,
-        runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": CPU_KV_CACHE_GIB}},
+        runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": CPU_KV_CACHE_GIB, "VLLM_CPU_OMP_THREADS_BIND": threads_bind_env(serve.cpu_threads_bind)}},
         placement_group_config={"bundles": [dict(serve.replica_resources)]},
         deployment_config={
             "max_ongoing_requests": serve.max_ongoing_requests,

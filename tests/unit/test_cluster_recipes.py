@@ -125,17 +125,54 @@ def test_rayjob_runs_a_mounted_spec_that_validates(tmp_path):
     JobSpec.model_validate(raw)
 
 
-def test_rayservice_serves_a_student_from_the_shared_volume():
+def _service_app() -> dict:
     service = _one("rayservice.yaml", "RayService")
     (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
-    assert app["import_path"] == "ray.serve.llm:build_openai_app"
-    (llm,) = app["args"]["llm_configs"]
-    source = llm["model_loading_config"]["model_source"]
-    assert source.endswith("/student")
-    autoscaling = llm["deployment_config"]["autoscaling_config"]
-    assert 1 <= autoscaling["min_replicas"] <= autoscaling["max_replicas"]
+    return app
+
+
+def test_rayservice_serves_a_student_from_the_shared_volume_through_the_guarded_app():
+    """The recipe builds raydistill's guarded app (not ray.serve.llm's bare one) with a key and limits, valid as a serve section."""
+    from raydistill.serving.recipe import app_args
+
+    service = _one("rayservice.yaml", "RayService")
+    app = _service_app()
+    assert app["import_path"] == "raydistill.serving.recipe:app_builder"
+    models, serve = app_args(app["args"])
+    (model,) = models
+    assert model.path.endswith("/student")
+    assert serve.api_key_env and serve.max_tokens and serve.max_prompt_chars and serve.max_n and serve.max_body_bytes
+    assert 1 <= serve.min_replicas <= serve.max_replicas and serve.replica_resources.get("GPU") == 1
+    # The key comes from a Kubernetes Secret on every pod that may build the app, never from the manifest.
+    for pod in _pod_specs(service["spec"]["rayClusterConfig"]):
+        (env,) = [e for e in pod["containers"][0]["env"] if e["name"] == serve.api_key_env]
+        assert set(env) == {"name", "valueFrom"} and env["valueFrom"]["secretKeyRef"]["name"]
     for pod in _pod_specs(service["spec"]["rayClusterConfig"])[1:]:
-        assert any(source.startswith(path + "/") for path in _mounts(pod))
+        assert any(model.path.startswith(path + "/") for path in _mounts(pod))
+    # The import path resolves to the builder.
+    import importlib
+
+    module, name = app["import_path"].split(":")
+    assert callable(getattr(importlib.import_module(module), name))
+
+
+def test_the_app_builder_refuses_bad_args_naming_each_key(monkeypatch):
+    from raydistill.serving.recipe import app_args, app_builder
+    from raydistill.spec import SpecError
+
+    with pytest.raises(SpecError) as err:
+        app_args({"models": [{"model_id": "a"}, {"model_id": "a", "path": "/s"}, {"model_id": "a", "path": "/t"}], "extra": 1,
+                  "serve": {"host": "0.0.0.0", "engine_args": {"trust_remote_code": True}, "max_n": 0}})
+    text = "\n".join(err.value.errors)
+    for expected in ("args: unknown keys ['extra']", "args.models[0]", "model_id values must be unique", "args.serve.max_n",
+                     "args.serve.engine_args", "trust_remote_code"):
+        assert expected in text, (expected, text)
+    with pytest.raises(SpecError, match="args.models: a non-empty list"):
+        app_args({"serve": {}})
+    # A named key variable that is not set is an error at build time, not an open app.
+    monkeypatch.delenv("RD_RECIPE_KEY", raising=False)
+    with pytest.raises(SpecError, match="RD_RECIPE_KEY is not set"):
+        app_builder({"models": [{"model_id": "m", "path": "/s"}], "serve": {"api_key_env": "RD_RECIPE_KEY"}})
 
 
 # --------------------------------------------------------------------------- image

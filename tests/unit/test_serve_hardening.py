@@ -261,3 +261,25 @@ def test_chat_limits_count_tools_documents_and_template_kwargs():
     calls = [{"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function",
                                                                      "function": {"name": "f", "arguments": "a" * 300}}]}]
     assert check_chat(ChatCompletionRequest(model="m", messages=short + calls, max_tokens=4), limits)[0] == "messages"
+
+
+@pytest.mark.parametrize(("bind", "expected"), [("auto", "auto"), ("0-1", "0-1"), ("all", None)])
+def test_serve_cpu_threads_bind_reaches_the_replicas_engine(bind, expected):
+    """serve.cpu_threads_bind is the replica's VLLM_CPU_OMP_THREADS_BIND; 'all' is every core the CLI may use."""
+    import os
+
+    from raydistill.serving.app import llm_config
+    from raydistill.serving.targets import Served
+    from raydistill.spec import ServeSpec
+
+    env = llm_config(Served("m", "/nonexistent/student"), ServeSpec(cpu_threads_bind=bind)).runtime_env["env_vars"]
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == (expected or ",".join(str(c) for c in sorted(os.sched_getaffinity(0))))
+
+
+def test_serve_cpu_threads_bind_is_checked():
+    from pydantic import ValidationError
+
+    from raydistill.spec import ServeSpec
+
+    with pytest.raises(ValidationError, match="cpu_threads_bind"):
+        ServeSpec(cpu_threads_bind="both")
