@@ -144,7 +144,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    submission = jobs.prepare_submission(args.spec, args.set)
+    submission = jobs.prepare_submission(args.spec, args.set, args.address)
     for note in submission.notes:
         print(f"note: {note}", file=sys.stderr)
     client, token = jobs.connect(args.address)

@@ -356,14 +356,60 @@ def build_runtime_env(spec: JobSpec, spec_yaml: str) -> dict[str, Any]:
     return env
 
 
+# The job's entrypoint is a shell command on the head, run with the head's PATH, which need not
+# hold raydistill: a head started as `.venv/bin/ray start --head` without activating the venv
+# fails a bare `raydistill ...` with "not found". The `raydistill` on PATH is used where there is
+# one (a runtime_env pip install puts its own there). Otherwise the Python that runs the cluster's
+# workers is the one raydistill must be installed in, and Ray records it nowhere a shell can read
+# but the raylet's command line (`--python_worker_command=<python> <worker script> ...`; Ray
+# rewrites its workers' own command lines, and the job supervisor that runs this shell is a
+# worker under that raylet). So the entrypoint walks up its parent processes to the raylet and
+# runs `<python> -m raydistill.cli`.
+_FIND_CLUSTER_PYTHON = (
+    "py=; p=$PPID; "
+    "while [ -z \"$py\" ] && [ \"${p:-1}\" -gt 1 ] && [ -r /proc/$p/cmdline ]; do "
+    "py=$(tr '\\0' '\\n' < /proc/$p/cmdline | sed -n 's/^--python_worker_command=\\([^ ]*\\).*/\\1/p' | head -n 1); "
+    "p=$(awk '{print $4}' /proc/$p/stat 2>/dev/null); done; "
+)
+
+
 def build_entrypoint(trust_remote_code: bool = False) -> str:
+    """The job's shell command: ``raydistill run`` on the shipped spec, on PATH or in the cluster's own Python (see above)."""
     # The consent given on this command line travels as the job's own flag: the shipped spec alone cannot carry it.
-    return f"raydistill run --spec-from-env {SPEC_ENV_VAR}" + (" --trust-remote-code" if trust_remote_code else "")
+    args = f"run --spec-from-env {SPEC_ENV_VAR}" + (" --trust-remote-code" if trust_remote_code else "")
+    return (
+        f"if command -v raydistill >/dev/null 2>&1; then exec raydistill {args}; fi; "
+        + _FIND_CLUSTER_PYTHON
+        + "if [ -z \"$py\" ]; then echo 'raydistill is not on the PATH of the job and the cluster'\"'\"'s Python was not found: "
+        "install raydistill where Ray runs, or list it in runtime.job_pip' >&2; exit 127; fi; "
+        + "\"$py\" -c 'import raydistill' 2>/dev/null || { echo \"raydistill is not installed in the cluster's Python ($py): install it "
+        "there (the version you submit with), or list it in runtime.job_pip\" >&2; exit 1; }; "
+        + f"exec \"$py\" -m raydistill.cli {args}"
+    )
 
 
-def prepare_submission(spec_path: str | os.PathLike, overrides: list[str]) -> Submission:
-    """Validate the spec for a cluster and build the job, reporting every problem at once."""
+def is_local_address(address: str | None) -> bool:
+    """A Ray dashboard address on this machine's loopback (``http://127.0.0.1:8265``, ``localhost:8265``)."""
+    from urllib.parse import urlsplit
+
+    from raydistill.spec import is_loopback_host
+
+    if not address:
+        return False
+    return is_loopback_host(urlsplit(address if "://" in address else f"http://{address}").hostname or "")
+
+
+def prepare_submission(spec_path: str | os.PathLike, overrides: list[str], address: str | None = None) -> Submission:
+    """Validate the spec for a cluster and build the job, reporting every problem at once.
+
+    ``address``: the cluster's dashboard. On this machine's loopback, every node of the cluster is
+    this machine (its head listens here), so local paths are readable by all of them: they are
+    accepted as shared storage, and a note says so.
+    """
     raw = read_raw_spec(spec_path, overrides)
+    local_cluster = is_local_address(address) and _get(raw, "runtime.shared_storage") is not True
+    if local_cluster:
+        _set(raw, "runtime.shared_storage", True)
     errors = reserved_env_errors(raw)
     workdir = _get(raw, "runtime.job_working_dir")
     local_workdir = None
@@ -383,7 +429,8 @@ def prepare_submission(spec_path: str | os.PathLike, overrides: list[str]) -> Su
     spec = None
     with tempfile.TemporaryDirectory(prefix="raydistill-submit-") as placeholder:
         shared = _get(raw, "runtime.shared_storage") is True
-        deferred = _defer_unseen_paths(raw, Path(placeholder)) if shared else {}
+        # On this machine's cluster a path missing here is missing there too: check it now.
+        deferred = _defer_unseen_paths(raw, Path(placeholder)) if shared and not local_cluster else {}
         try:
             with _chdir(local_workdir or os.getcwd()):
                 spec = spec_from_dict(copy.deepcopy(raw))
@@ -406,6 +453,9 @@ def prepare_submission(spec_path: str | os.PathLike, overrides: list[str]) -> Su
     spec_yaml = yaml.safe_dump(redact(shipped), sort_keys=False)
     metadata = {"raydistill_spec": os.path.basename(str(spec_path)), "run_dir": spec.runtime.run_dir}
     notes = [f"{key}: {value!r} is not on this machine; the job checks it on the cluster" for key, value in deferred.items()]
+    if local_cluster:
+        notes.append(f"{address} is this machine: the cluster's nodes read this machine's paths, so local paths are used as they are "
+                     "(runtime.shared_storage=true). If the address is a tunnel to another machine, put them on shared storage instead.")
     from raydistill.engine_args import remote_code_allowed
 
     return Submission(spec, spec_yaml, build_entrypoint(remote_code_allowed()), build_runtime_env(spec, spec_yaml), metadata, notes)

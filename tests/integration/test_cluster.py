@@ -116,7 +116,9 @@ def local_cluster(head_cpus: int, side_cpus: int, object_store_mb: int = 200) ->
     gcs, dashboard, client, head_agent, side_agent = _free_ports(5)
     env = {
         **os.environ,
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # the job's `raydistill` entrypoint
+        # The cluster started as the README starts it (`.venv/bin/ray start`, no activated venv): the
+        # job's entrypoint must find raydistill without it on PATH.
+        "PATH": os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p and Path(p).resolve() != BIN.resolve()),
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN": uuid.uuid4().hex,
         "RAY_USAGE_STATS_ENABLED": "0",
@@ -206,8 +208,10 @@ def test_submit_tiny_follows_to_succeeded(tmp_path):
 def test_stop_a_running_job(tmp_path):
     """A job stopped mid-pipeline reaches STOPPED; status, logs and list see it; a bad token is explained."""
     with local_cluster(head_cpus=2, side_cpus=1) as cluster:
-        job_id = _job_id(cluster.cli("submit", "configs/tiny.yaml", "--set", f"runtime.run_dir={tmp_path / 'run'}",
-                                     "--set", "runtime.shared_storage=true"))
+        # A head on this machine: the local run_dir and corpus are accepted without runtime.shared_storage.
+        submitted = cluster.cli("submit", "configs/tiny.yaml", "--set", f"runtime.run_dir={tmp_path / 'run'}")
+        assert "is this machine: the cluster's nodes read this machine's paths" in submitted.stderr, submitted.stderr
+        job_id = _job_id(submitted)
         assert job_id.startswith("raysubmit_")
         _wait_status(cluster, job_id, {"RUNNING"}, timeout_s=120)
         # Stop it once the pipeline is under way on the cluster: the shipped spec loaded, the driver

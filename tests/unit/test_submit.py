@@ -45,7 +45,7 @@ def test_entrypoint_and_runtime_env_carry_the_resolved_spec(tmp_path):
     path = _spec(tmp_path, {"shared_storage": True, "job_pip": ["raydistill==0.1.0"], "job_env_vars": {"HF_HOME": "/mnt/hf"}})
     sub = prepare_submission(path, ["train.workers=4"])
 
-    assert sub.entrypoint == f"raydistill run --spec-from-env {SPEC_ENV_VAR}"
+    assert sub.entrypoint.startswith(f"if command -v raydistill >/dev/null 2>&1; then exec raydistill run --spec-from-env {SPEC_ENV_VAR}; fi")
     assert sub.runtime_env["pip"] == ["raydistill==0.1.0"]
     assert "working_dir" not in sub.runtime_env
     env = sub.runtime_env["env_vars"]
@@ -252,7 +252,8 @@ def test_job_table_lists_submitted_jobs_newest_first():
 
 
 def test_spec_errors_from_submit_print_like_validate(tmp_path, capsys):
-    assert main(["submit", str(_spec(tmp_path)), "--address", "http://127.0.0.1:1"]) == 2
+    # An address off this machine: its nodes cannot read this machine's paths.
+    assert main(["submit", str(_spec(tmp_path)), "--address", "http://192.0.2.1:1"]) == 2
     err = capsys.readouterr().err
     assert "error: the job spec has 2 problem(s):" in err and "  runtime.run_dir: " in err
 
@@ -265,8 +266,9 @@ def test_remote_code_consent_travels_as_the_jobs_own_flag(tmp_path):
         prepare_submission(path, ["teacher.engine_args.trust_remote_code=true"])
     with remote_code_consent(True):
         sub = prepare_submission(path, ["teacher.engine_args.trust_remote_code=true"])
-    assert sub.entrypoint == f"raydistill run --spec-from-env {SPEC_ENV_VAR} --trust-remote-code"
-    assert prepare_submission(path, []).entrypoint == f"raydistill run --spec-from-env {SPEC_ENV_VAR}"
+    assert sub.entrypoint.count(f"run --spec-from-env {SPEC_ENV_VAR} --trust-remote-code") == 2  # on PATH, or in the cluster's Python
+    plain = prepare_submission(path, []).entrypoint
+    assert plain.count(f"run --spec-from-env {SPEC_ENV_VAR}") == 2 and "--trust-remote-code" not in plain
     assert build_parser().parse_args(["submit", "s.yaml", "--trust-remote-code"]).trust_remote_code
 
 
@@ -325,3 +327,47 @@ def test_connect_prints_the_warning(monkeypatch, capsys):
     jobs.connect("http://10.0.0.5:8265")
     err = capsys.readouterr().err
     assert "warning: the Ray auth token" in err and "t0k" not in err
+
+
+def _run_entrypoint_under(worker_command: str, env_path: str):
+    """The job's entrypoint as Ray's job supervisor runs it: a shell whose ancestor is a raylet started with ``worker_command``."""
+    import subprocess
+    import sys
+
+    from raydistill.jobs.submit import build_entrypoint
+
+    raylet = "import subprocess, sys; sys.exit(subprocess.run(['sh', '-c', sys.argv[1]]).returncode)"
+    env = {"PATH": env_path, "HOME": str(Path.home())}
+    return subprocess.run([sys.executable, "-c", raylet, build_entrypoint(), f"--python_worker_command={worker_command} /ray/default_worker.py"],
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_the_entrypoint_runs_raydistill_in_the_clusters_python_when_it_is_not_on_path():
+    """A head started as `.venv/bin/ray start --head` without the venv on PATH: the job still finds raydistill."""
+    import sys
+
+    proc = _run_entrypoint_under(sys.executable, "/usr/bin:/bin")
+    # raydistill itself ran (in the cluster's Python) and answered: the job's spec variable is not set in this test.
+    assert proc.returncode == 2 and f"--spec-from-env {SPEC_ENV_VAR}: the environment variable is not set" in proc.stderr, proc.stderr
+
+
+def test_the_entrypoint_says_when_the_clusters_python_lacks_raydistill(tmp_path):
+    bare = tmp_path / "python"  # a Python without raydistill: the interpreter with no site-packages of ours
+    bare.write_text("#!/bin/sh\nexec /usr/bin/env -i /bin/sh -c 'exit 1'\n")
+    bare.chmod(0o755)
+    proc = _run_entrypoint_under(str(bare), "/usr/bin:/bin")
+    assert proc.returncode == 1 and f"raydistill is not installed in the cluster's Python ({bare})" in proc.stderr, proc.stderr
+
+
+def test_a_loopback_address_accepts_local_paths_and_says_so(tmp_path):
+    """Submitting to a head on this machine: local run_dir and corpus are readable by every node, no shared_storage needed."""
+    spec = _spec(tmp_path)
+    with pytest.raises(SpecError, match="runtime.run_dir"):
+        prepare_submission(spec, [], "http://10.1.2.3:8265")
+    for address in ("http://127.0.0.1:8265", "localhost:8265"):
+        sub = prepare_submission(spec, [], address)
+        assert sub.spec.runtime.shared_storage is True
+        assert any(n.startswith(f"{address} is this machine") for n in sub.notes)
+    # A local path that does not exist is an error at once: this machine is the cluster.
+    with pytest.raises(SpecError, match="data.path"):
+        prepare_submission(spec, [f"data.path={tmp_path / 'missing.jsonl'}"], "http://127.0.0.1:8265")
