@@ -141,10 +141,16 @@ class StudentSpec(_Section):
         None,
         description="The student's starting point when init is 'pretrained': a local Hugging Face model directory, or a builtin such as 'tiny:student'. It must share the teacher's tokenizer.",
     )
-    layers: list[int] | None = Field(
+    layers: list[int] | Literal["auto"] | None = Field(
         None,
-        description="prune_from_teacher: the teacher's decoder layers to keep, by index (0-based, negative counts from the end), in order.",
+        description=(
+            "prune_from_teacher: the teacher's decoder layers to keep, by index (0-based, negative counts from the end), in "
+            "order; or 'auto' to keep the `num_layers` layers that matter most, measured by their block influence "
+            "(ShortGPT: 1 - cos(input, output) of each layer) on `calibration_rows` rows of the teacher's signals."
+        ),
     )
+    num_layers: int | None = Field(None, ge=1, description="layers 'auto': how many of the teacher's layers the student keeps.")
+    calibration_rows: int = Field(32, ge=1, description="layers 'auto': training rows of the teacher's signals the layers are measured on.")
     every_nth: int | None = Field(
         None,
         ge=1,
@@ -161,13 +167,15 @@ class StudentSpec(_Section):
         if self.init == "pretrained":
             if self.model is None:
                 errors.append("model: required when init is 'pretrained'")
-            if self.layers is not None or self.every_nth is not None:
-                errors.append("layers/every_nth: only used when init is 'prune_from_teacher'")
+            if self.layers is not None or self.every_nth is not None or self.num_layers is not None:
+                errors.append("layers/every_nth/num_layers: only used when init is 'prune_from_teacher'")
         else:
             if (self.layers is None) == (self.every_nth is None):
                 errors.append("init 'prune_from_teacher' needs exactly one of layers or every_nth")
-            if self.layers is not None and (not self.layers or len(set(self.layers)) != len(self.layers)):
+            if isinstance(self.layers, list) and (not self.layers or len(set(self.layers)) != len(self.layers)):
                 errors.append(f"layers: {self.layers} must be a non-empty list without repeats")
+            if (self.layers == "auto") != (self.num_layers is not None):
+                errors.append("num_layers: needed with layers 'auto', and only there")
         if errors:
             raise ValueError("; ".join(errors))
         return self

@@ -14,6 +14,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from raydistill.spec import StudentSpec
 from raydistill.jobs.rundir import RunDir
@@ -74,11 +75,13 @@ def pruned_state_dict(state: dict, keep: list[int]) -> dict:
     return out
 
 
-def prune_from_teacher(teacher_path: str, out_dir: str, layers: list[int] | None = None, every_nth: int | None = None) -> dict:
+def prune_from_teacher(teacher_path: str, out_dir: str, layers: list[int] | None = None, every_nth: int | None = None,
+                       selection: dict | None = None) -> dict:
     """Write a depth-pruned student of ``teacher_path`` to ``out_dir`` (HF dir: safetensors, config, tokenizer).
 
-    Returns what was done: ``{"teacher": path, "teacher_layers": n, "kept_layers": [...]}`` (also
-    saved as ``raydistill_prune.json`` in ``out_dir``). The directory is written atomically.
+    Returns what was done: ``{"teacher": path, "teacher_layers": n, "kept_layers": [...]}``, plus
+    ``selection`` (how the layers were chosen, when they were measured) if given; also saved as
+    ``raydistill_prune.json`` in ``out_dir``. The directory is written atomically.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -104,7 +107,7 @@ def prune_from_teacher(teacher_path: str, out_dir: str, layers: list[int] | None
         GenerationConfig.from_pretrained(teacher_path).save_pretrained(tmp)
     except OSError:
         pass  # the teacher has no generation_config.json; transformers derives one from config
-    info = {"teacher": teacher_path, "teacher_layers": n, "kept_layers": keep}
+    info = {"teacher": teacher_path, "teacher_layers": n, "kept_layers": keep, **({"selection": selection} if selection else {})}
     (tmp / PRUNE_INFO_FILE).write_text(json.dumps(info, indent=2))
     if out.exists():
         shutil.rmtree(out)
@@ -112,9 +115,65 @@ def prune_from_teacher(teacher_path: str, out_dir: str, layers: list[int] | None
     return info
 
 
-def prepare_student(student: StudentSpec, teacher_path: str, student_model_path: str | None, run: RunDir) -> str:
+def block_influence(model, sequences: list[list[int]]) -> list[float]:
+    """Each decoder layer's block influence (ShortGPT, Men et al. 2024) on ``sequences`` of token ids.
+
+    BI_l = 1 - mean over tokens of cos(h_l, h_(l+1)), where h_l is the hidden state entering layer
+    l and h_(l+1) the one leaving it: a layer that barely turns its input scores near 0 and is
+    the cheapest to drop. One forward pass per sequence, no gradients.
+    """
+    import torch
+
+    n = model.config.get_text_config().num_hidden_layers if hasattr(model.config, "get_text_config") else model.config.num_hidden_layers
+    total, count = torch.zeros(n, dtype=torch.float64), 0
+    model.eval()
+    with torch.no_grad():
+        for ids in sequences:
+            if len(ids) < 2:
+                continue
+            # output_hidden_states: the embeddings, then each layer's output; the last one has the final
+            # norm applied in transformers' decoders, so the last layer is measured against its pre-norm
+            # output, captured by a hook, to score what the layer itself does.
+            outs: list = []
+            hook = model.get_decoder().layers[-1].register_forward_hook(lambda _m, _i, o: outs.append(o[0] if isinstance(o, tuple) else o))
+            try:
+                hidden = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+            finally:
+                hook.remove()
+            states = list(hidden[:n]) + [outs[-1]]
+            for layer in range(n):
+                cos = torch.nn.functional.cosine_similarity(states[layer][0].double(), states[layer + 1][0].double(), dim=-1)
+                total[layer] += (1.0 - cos).sum()
+            count += len(ids)
+    if not count:
+        raise ValueError("layer scoring needs at least one calibration sequence of 2 or more tokens")
+    return (total / count).tolist()
+
+
+def choose_layers(scores: list[float], num_layers: int) -> list[int]:
+    """The ``num_layers`` layers with the highest scores, in ascending order (ties: the earlier layer)."""
+    if not 1 <= num_layers <= len(scores):
+        raise ValueError(f"student.num_layers: {num_layers} must be between 1 and the teacher's {len(scores)} layers")
+    ranked = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    return sorted(ranked[:num_layers])
+
+
+def score_teacher_layers(teacher_path: str, sequences: list[list[int]]) -> list[float]:
+    """``block_influence`` of ``teacher_path``'s layers, loaded in float32 on the CPU."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32)
+    return block_influence(teacher, sequences)
+
+
+def prepare_student(student: StudentSpec, teacher_path: str, student_model_path: str | None, run: RunDir,
+                    calibration: Callable[[int], list[list[int]]] | None = None) -> str:
     """The directory training starts from: ``student_model_path``, or a pruned teacher in ``run.student_init``.
 
+    With ``student.layers: auto``, the layers are chosen by measuring each one's block influence on
+    ``calibration(student.calibration_rows)`` (token id sequences of the teacher's own text), and
+    the scores and the choice are kept in the prune info (``raydistill_prune.json``).
     Pruning is skipped when ``RUN/student_init`` already holds the same pruning of the same teacher,
     so a resumed run starts from identical weights.
     """
@@ -124,13 +183,30 @@ def prepare_student(student: StudentSpec, teacher_path: str, student_model_path:
         return student_model_path
     out = run.student_init
     info_file = out / PRUNE_INFO_FILE
+    auto = student.layers == "auto"
+    wanted_selection = {"method": "block_influence", "num_layers": student.num_layers, "calibration_rows": student.calibration_rows} if auto else None
     if info_file.exists():
         info = json.loads(info_file.read_text())
         n = info["teacher_layers"]
-        if info["teacher"] == teacher_path and info["kept_layers"] == kept_layers(n, student.layers, student.every_nth):
-            return str(out)
-    info = prune_from_teacher(teacher_path, str(out), student.layers, student.every_nth)
-    print(f"[train] student pruned from the teacher: layers {info['kept_layers']} of {info['teacher_layers']} -> {out}", flush=True)
+        if info["teacher"] == teacher_path:
+            if auto and {k: info.get("selection", {}).get(k) for k in wanted_selection} == wanted_selection:
+                return str(out)
+            if not auto and "selection" not in info and info["kept_layers"] == kept_layers(n, student.layers, student.every_nth):
+                return str(out)
+    selection = None
+    layers = student.layers
+    if auto:
+        if calibration is None:
+            raise ValueError("student.layers 'auto' needs calibration text (the teacher's signals)")
+        sequences = calibration(student.calibration_rows)
+        scores = score_teacher_layers(teacher_path, sequences)
+        layers = choose_layers(scores, student.num_layers)
+        selection = {**wanted_selection, "scores": [round(x, 6) for x in scores], "calibration_tokens": sum(len(s) for s in sequences)}
+        print(f"[train] layer scores (block influence, {len(sequences)} calibration rows): "
+              + ", ".join(f"{i}: {x:.4f}" for i, x in enumerate(scores)), flush=True)
+    info = prune_from_teacher(teacher_path, str(out), layers, None if auto else student.every_nth, selection)
+    print(f"[train] student pruned from the teacher: layers {info['kept_layers']} of {info['teacher_layers']}"
+          + (" (chosen by block influence)" if auto else "") + f" -> {out}", flush=True)
     return str(out)
 
 

@@ -477,6 +477,16 @@ def train_loop_per_worker(config: dict) -> None:
     log.close()
 
 
+def calibration_sequences(signals_dir, rows: int) -> list[list[int]]:
+    """The token ids (prompt + teacher text) of the first ``rows`` training rows of the signals, by id: what
+    ``student.layers: auto`` measures the teacher's layers on."""
+    from raydistill.data.signals import load_signals
+
+    table = load_signals(signals_dir, columns=["id", "split", "input_ids"])
+    train = sorted((i, ids) for i, s, ids in zip(table["id"].to_pylist(), table["split"].to_pylist(), table["input_ids"].to_pylist()) if s == "train")
+    return [ids for _, ids in train[:rows]]
+
+
 def run_train_stage(
     train: TrainSpec,
     distill: DistillSpec,
@@ -506,7 +516,7 @@ def run_train_stage(
     if student is not None and student.init == "prune_from_teacher":
         if teacher_path is None:
             raise ValueError("student.init 'prune_from_teacher' needs the teacher's path")
-        student_path = prepare_student(student, teacher_path, student_path, run)
+        student_path = prepare_student(student, teacher_path, student_path, run, lambda n: calibration_sequences(signals_dir, n))
     if student_path is None:
         raise ValueError("student.model: required when student.init is 'pretrained'")
     check_tokenizer_matches(signals_dir, AutoTokenizer.from_pretrained(student_path))
