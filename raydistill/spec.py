@@ -496,6 +496,15 @@ class ServeSpec(_Section):
     max_replicas: int = Field(1, ge=1, description="Most replicas per served model that Serve's autoscaler may start.")
     target_ongoing_requests: float = Field(8.0, gt=0, description="Ongoing requests per replica that Serve's autoscaler aims for.")
     max_ongoing_requests: int = Field(64, ge=1, description="Requests one replica accepts at once; more wait in Serve's queue.")
+    max_queued_requests: int = Field(
+        128,
+        ge=1,
+        description=(
+            "Requests that may wait for a free slot (in front of the app, and in front of each model's replicas) beyond "
+            "those being served; more are refused at once with 503 and a Retry-After header, never held or buffered."
+        ),
+    )
+    retry_after_s: int = Field(2, ge=0, description="The Retry-After (seconds) of an overload 503.")
     health_check_period_s: float = Field(
         2.0,
         gt=0,

@@ -96,7 +96,8 @@ _TRAIN_RUNTIME = ("train.checkpoint_every", "train.checkpoints_to_keep", "train.
 _SERVE_RUNTIME = ("serve.host", "serve.port", "serve.app_name", "serve.api_key_env", "serve.min_replicas", "serve.max_replicas",
                   "serve.target_ongoing_requests", "serve.max_ongoing_requests", "serve.replica_resources",
                   "serve.health_check_period_s", "serve.health_check_timeout_s", "serve.allow_unauthenticated", "serve.cors_origins",
-                  "serve.extra_routes", "serve.max_body_bytes", "serve.cpu_threads_bind")
+                  "serve.extra_routes", "serve.max_body_bytes", "serve.cpu_threads_bind", "serve.max_queued_requests",
+                  "serve.retry_after_s")
 
 STAGES: tuple[Stage, ...] = (
     Stage("teacher", _teacher, reads=("teacher.model", "teacher.engine_args", "data", "teacher_pass"), ignores=_TEACHER_RUNTIME,

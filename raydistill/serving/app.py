@@ -59,6 +59,7 @@ def llm_config(model: Served, serve: ServeSpec):
         placement_group_config={"bundles": [dict(serve.replica_resources)]},
         deployment_config={
             "max_ongoing_requests": serve.max_ongoing_requests,
+            **backpressure(serve),
             # A dead engine fails the replica's health check at once; the period bounds how long
             # requests keep failing before Serve starts a replacement.
             "health_check_period_s": serve.health_check_period_s,
@@ -72,11 +73,25 @@ def llm_config(model: Served, serve: ServeSpec):
     )
 
 
+def backpressure(serve: ServeSpec) -> dict:
+    """Serve's own overload handling for a deployment: a bounded queue, and 503 + Retry-After beyond it."""
+    return {"max_queued_requests": serve.max_queued_requests,
+            "backpressure_config": {"status_code": 503, "retry_after_s": serve.retry_after_s}}
+
+
+def ingress_options(serve: ServeSpec, n_models: int) -> dict:
+    """The ingress deployment's bounds. ray.serve.llm's default lets an ingress replica hold ~10^9 requests
+    at once; ours admits what the models' replicas can serve at once and queues ``max_queued_requests``
+    more, so overload is refused in front of the app (Serve's proxy answers 503 with Retry-After)
+    instead of piling up inside it."""
+    return {"max_ongoing_requests": serve.max_ongoing_requests * serve.max_replicas * n_models, **backpressure(serve)}
+
+
 def build_app(models: list[Served], serve: ServeSpec, key_sha256: str | None):
     from raydistill.serving.ingress import build_guarded_app
 
     return build_guarded_app([llm_config(m, serve) for m in models], limits_of(serve), key_sha256, serve.cors_origins,
-                             serve.max_body_bytes, serve.extra_routes)
+                             serve.max_body_bytes, serve.extra_routes, ingress_options(serve, len(models)))
 
 
 def base_url(serve: ServeSpec, host: str | None = None, port: int | None = None) -> str:

@@ -88,8 +88,10 @@ def build_fastapi_app(key_sha256: str | None, cors_origins: list[str] | tuple[st
 
 
 def build_guarded_app(llm_configs: list, limits: Limits, key_sha256: str | None, cors_origins: list[str] | tuple[str, ...] = (),
-                      max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, extra_routes: list[str] | tuple[str, ...] = ()):
-    """The OpenAI app over ``llm_configs`` (one ``LLMServer`` deployment each), guarded."""
+                      max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, extra_routes: list[str] | tuple[str, ...] = (),
+                      ingress_options: dict | None = None):
+    """The OpenAI app over ``llm_configs`` (one ``LLMServer`` deployment each), guarded; ``ingress_options``
+    override the library's ingress deployment options (``raydistill.serving.app.ingress_options``)."""
     from ray import serve
     from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
     from ray.serve.llm import build_llm_deployment
@@ -98,7 +100,10 @@ def build_guarded_app(llm_configs: list, limits: Limits, key_sha256: str | None,
     from raydistill.serving.server import NAME_PREFIX, DtypeResolvingLLMServer
 
     app = build_fastapi_app(key_sha256, cors_origins, max_body_bytes)
-    options = GuardedIngress.get_deployment_options(llm_configs)
+    options = {**GuardedIngress.get_deployment_options(llm_configs), **(ingress_options or {})}
+    if "autoscaling_config" in options:  # the library's target (~10^9) must not exceed the bound set here
+        scaling = options["autoscaling_config"]
+        options["autoscaling_config"] = {**scaling, "target_ongoing_requests": min(scaling.get("target_ongoing_requests", 1e9), options["max_ongoing_requests"])}
     ingress = make_fastapi_ingress(GuardedIngress, app=app, endpoint_map=endpoint_map(extra_routes))
     return serve.deployment(ingress, **options).bind(
         llm_deployments={c.model_id: build_llm_deployment(c, deployment_cls=DtypeResolvingLLMServer, name_prefix=NAME_PREFIX) for c in llm_configs},

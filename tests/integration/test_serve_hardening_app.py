@@ -92,6 +92,72 @@ def test_switched_off_routes_are_404(hardened):
     assert _post(hardened, "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2}).status_code == 200
 
 
+def _replica_rss(app_name: str) -> int:
+    """Resident bytes of this app's Serve replica processes (Ray titles them ``ray::ServeReplica:<app>:...``)."""
+    import psutil
+
+    total = 0
+    for proc in psutil.process_iter(["cmdline", "memory_info"]):
+        if any(f"ServeReplica:{app_name}:" in part for part in (proc.info["cmdline"] or [])):
+            total += proc.info["memory_info"].rss
+    return total
+
+
+def test_overload_gets_fast_503s_with_retry_after_and_the_app_recovers(hardened, model_paths):
+    """More concurrent clients than a small app serves and queues, for a fixed time: every answer is a well-formed
+    completion or a 503 with Retry-After, the replicas' memory stays bounded, and the app answers normally afterwards."""
+    import asyncio
+    import time
+
+    import httpx
+
+    from raydistill.serving.app import deploy
+    from raydistill.serving.guard import key_digest
+    from raydistill.serving.targets import Served
+    from raydistill.spec import ServeSpec
+
+    app = "rd-overload"
+    serve = ServeSpec(port=_free_port(), api_key_env=KEY_ENV, engine_args={"max_model_len": 512, "enforce_eager": True}, max_tokens=32,
+                      app_name=app, max_ongoing_requests=2, target_ongoing_requests=1, max_queued_requests=2, retry_after_s=1)
+    base = deploy([Served(MODEL, model_paths[1])], serve, key_digest(KEY), route_prefix="/overload")
+    rss_before = _replica_rss(app)
+    assert rss_before > 0
+    clients, seconds = 24, 10.0
+    results: list[tuple[int, str | None, object]] = []
+
+    async def client(http: httpx.AsyncClient, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            resp = await http.post(f"{base}/v1/completions", json={"model": MODEL, "prompt": "Once upon a time", "max_tokens": 24})
+            try:
+                body = resp.json()
+            except ValueError:
+                body = resp.text
+            results.append((resp.status_code, resp.headers.get("retry-after"), body))
+
+    async def load() -> None:
+        limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+        async with httpx.AsyncClient(headers={"Authorization": f"Bearer {KEY}"}, timeout=60, limits=limits) as http:
+            deadline = time.monotonic() + seconds
+            await asyncio.gather(*(client(http, deadline) for _ in range(clients)))
+
+    started = time.monotonic()
+    asyncio.run(load())
+    # The load stops by itself: nothing is held past the window longer than one request.
+    assert time.monotonic() - started < seconds + 60
+    statuses = [s for s, _, _ in results]
+    assert set(statuses) <= {200, 503}, sorted(set(statuses))
+    assert statuses.count(503) > 0 and statuses.count(200) > 0, (statuses.count(200), statuses.count(503))
+    for status, retry_after, body in results:
+        if status == 503:
+            assert retry_after == "1", (retry_after, body)
+        else:
+            assert isinstance(body, dict) and isinstance(body["choices"][0]["text"], str) and body["usage"]["completion_tokens"] >= 1
+    # Refused requests are not held anywhere: the replicas grew by far less than the requests sent would take.
+    assert _replica_rss(app) - rss_before < 300 * 2**20
+    ok = _client(base).completions.create(model=MODEL, prompt="hi", max_tokens=2)
+    assert ok.usage.completion_tokens >= 1
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     return subprocess.run([sys.executable, "-m", "raydistill.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -283,3 +283,19 @@ def test_serve_cpu_threads_bind_is_checked():
 
     with pytest.raises(ValidationError, match="cpu_threads_bind"):
         ServeSpec(cpu_threads_bind="both")
+
+
+def test_overload_is_bounded_by_default_with_a_503_and_retry_after():
+    """Both the models' replicas and the ingress get a bounded queue and Serve's 503 + Retry-After beyond it;
+    the ingress admits only what the replicas can serve at once (ray.serve.llm's default is ~10^9)."""
+    from raydistill.serving.app import ingress_options, llm_config
+    from raydistill.serving.targets import Served
+    from raydistill.spec import ServeSpec
+
+    serve = ServeSpec()
+    config = llm_config(Served("m", "/nonexistent/student"), serve).deployment_config
+    assert config["max_ongoing_requests"] == 64 and config["max_queued_requests"] == 128
+    assert config["backpressure_config"] == {"status_code": 503, "retry_after_s": 2}
+    wide = ServeSpec(max_replicas=3, max_ongoing_requests=10, target_ongoing_requests=5, max_queued_requests=7, retry_after_s=5)
+    assert ingress_options(wide, 2) == {"max_ongoing_requests": 60, "max_queued_requests": 7,
+                                        "backpressure_config": {"status_code": 503, "retry_after_s": 5}}
