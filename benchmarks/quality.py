@@ -16,6 +16,11 @@ same held-out split by the project's eval stage:
     (i) op-srkl  on-policy sampled reverse KL (the per-token estimator at the sampled token), lmbda 1
     teacher      the teacher scored against its own signals: the ceiling
 
+With ``--auto-layers`` (a spec whose student is pruned from the teacher), (a) and (c) run once
+more as ``init@auto`` and ``fkl@auto``: the same number of teacher layers, chosen by
+``student.layers: auto`` (block influence on the signals' training rows) instead of the spec's
+hand-picked list.
+
 Figures per variant: held-out KL to the teacher on the teacher's text (sparse, with tail),
 perplexity on the teacher's responses, top-1 agreement, and on the student's own samples of
 the held-out prompts the reverse KL to the teacher and the teacher's NLL (eval.own_samples).
@@ -126,10 +131,11 @@ def main() -> int:
     parser.add_argument("--only", help="comma-separated subset of variants (the headline figures need all)")
     parser.add_argument("--seeds", type=int, default=2, help="runs per trained variant, seeds 0..N-1")
     parser.add_argument("--own-samples", type=int, default=16, help="held-out prompts the student samples from in the eval (eval.own_samples)")
+    parser.add_argument("--auto-layers", action="store_true", help="also init and fkl with student.layers auto at the spec's layer count")
     args = parser.parse_args()
 
-    from raydistill.distill.init import prepare_student
-    from raydistill.distill.train import run_train_stage
+    from raydistill.distill.init import PRUNE_INFO_FILE, kept_layers, prepare_student
+    from raydistill.distill.train import calibration_sequences, run_train_stage
     from raydistill.eval.stage import run_eval_stage
     from raydistill.jobs.pipeline import init_ray
     from raydistill.jobs.rundir import RunDir
@@ -156,16 +162,29 @@ def main() -> int:
         run_teacher_stage(spec.data, spec.teacher, spec.teacher_pass, teacher, signals)
 
     chosen = variants(args.mix_ce)
+    students = dict.fromkeys(chosen, spec.student)
+    if args.auto_layers:
+        if spec.student.init != "prune_from_teacher" or spec.student.layers == "auto":
+            parser.error("--auto-layers compares against a hand-picked pruning: the spec's student must list layers or every_nth")
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(teacher)
+        n_teacher = (config.get_text_config() if hasattr(config, "get_text_config") else config).num_hidden_layers
+        n_kept = len(kept_layers(n_teacher, spec.student.layers, spec.student.every_nth))
+        auto = spec.student.model_copy(update={"layers": "auto", "num_layers": n_kept, "every_nth": None})
+        for base in ("init", "fkl"):
+            chosen[f"{base}@auto"], students[f"{base}@auto"] = chosen[base], auto
     if args.only:
         chosen = {k: v for k, v in chosen.items() if k in args.only.split(",")}
     rows: dict[str, dict] = {}
     for name, distill_overrides in chosen.items():
+        student_spec = students[name]
         per_seed = []
         for seed in range(1 if distill_overrides is None else args.seeds):
-            run_dir = out / name.replace("+", "_") / f"seed{seed}"
+            run_dir = out / name.replace("+", "_").replace("@", "_") / f"seed{seed}"
             t0 = time.perf_counter()
             if distill_overrides is None:
-                student_dir = prepare_student(spec.student, teacher, student_model, RunDir(run_dir))
+                student_dir = prepare_student(student_spec, teacher, student_model, RunDir(run_dir), lambda n: calibration_sequences(signals, n))
             else:
                 for stale in ("checkpoints", "student", "train", "signals"):  # a fresh run, never a resume of an old one
                     shutil.rmtree(run_dir / stale, ignore_errors=True)
@@ -173,14 +192,16 @@ def main() -> int:
                                                        "on_policy": {**spec.distill.on_policy.model_dump(), **distill_overrides.get("on_policy", {}), "seed": seed}})
                 print(f"==> [{name} seed {seed}] training: {distill_overrides}", flush=True)
                 trained = run_train_stage(spec.train.model_copy(update={"seed": seed}), distill, student_model, signals, RunDir(run_dir),
-                                          student=spec.student, teacher_path=teacher, teacher=spec.teacher, teacher_pass=spec.teacher_pass)
+                                          student=student_spec, teacher_path=teacher, teacher=spec.teacher, teacher_pass=spec.teacher_pass)
                 student_dir = trained["student_dir"]
             train_s = time.perf_counter() - t0
             run_eval_stage(spec.eval, spec.train.max_seq_len, student_dir, teacher, signals, RunDir(run_dir), spec.teacher.engine_args, spec.teacher.cpu_engine_env())
             phases = {k: trained["on_policy"][k] for k in ("rollout_tokens_per_s", "score_tokens_per_s", "sync_s_per_sync", "phase_seconds")} \
                 if distill_overrides and "on_policy" in trained else {}
+            prune_info = run_dir / "student_init" / PRUNE_INFO_FILE
+            kept = {"kept_layers": json.loads(prune_info.read_text())["kept_layers"]} if prune_info.exists() else {}
             per_seed.append({**(distill_overrides or {}), **_scores(run_dir / "eval" / "report.json"), "train_seconds": round(train_s, 1),
-                             "seed": seed, **({"on_policy_phases": phases} if phases else {})})
+                             "seed": seed, **kept, **({"on_policy_phases": phases} if phases else {})})
         rows[name] = mean_over_seeds(per_seed)
         print(f"==> [{name}] {rows[name]}", flush=True)
 
@@ -205,6 +226,9 @@ def main() -> int:
     def fmt(x, spec_):
         return format(x, spec_) if x is not None else "-"
 
+    for name, row in rows.items():
+        if "kept_layers" in row:
+            print(f"{name}: the teacher's layers {row['kept_layers']}")
     print(f"\n{'variant':<9} {'KL to teacher':>14} {'perplexity':>11} {'top-1 agree':>12} {'own-sample rKL':>15} {'per seed':>20}")
     for name, row in rows.items():
         seeds = " / ".join(fmt(s["sample_reverse_kl"], ".3f") for s in row.get("seeds", []))
