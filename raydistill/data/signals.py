@@ -66,6 +66,13 @@ values, so Parquet's dictionary indices stay one byte wide, which zstd compresse
 Schema version 3 (ids stored as they are) and 2 (scale 64, the exact top-1 log-prob in
 ``top1_logprob`` instead of the tail) are still read.
 
+**Masked entries.** Several teachers' mixtures (``raydistill.teacher.ensemble``) pad each position's
+union of top-k lists to one width with entries of id -1 and log-prob -inf, after the real ones.
+They are stored as they are in any version from 4 on: id -1 is no token, so it is never renumbered
+(nor counted in the learned order), and the step into the first masked entry is the largest step
+(65535), so it decodes 4096 nats below the last real entry: exp = 0 exactly, the tail and the top-k
+mass stay as stored. The losses and collate recognise masked entries by their id.
+
 **Schema version 5** adds one column (``FULL_SIGNAL_SCHEMA`` = ``SIGNAL_SCHEMA`` + it):
 
 ==============  ==========================  =====================================================
@@ -155,7 +162,8 @@ def learn_id_order(topk_ids, max_ids: int = ID_ORDER_MAX) -> list[int]:
     frequent first (ties: smaller id first), at most ``max_ids``."""
     if isinstance(topk_ids, (pa.Array, pa.ChunkedArray)):
         topk_ids = _nested_values(topk_ids)[2]
-    ids, counts = np.unique(np.asarray(topk_ids, dtype=np.int64).reshape(-1), return_counts=True)
+    flat = np.asarray(topk_ids, dtype=np.int64).reshape(-1)
+    ids, counts = np.unique(flat[flat >= 0], return_counts=True)  # masked entries (id -1) are no token
     order = np.argsort(-counts, kind="stable")  # np.unique sorts ids, so ties stay in id order
     return ids[order][:max_ids].tolist()
 
@@ -164,7 +172,7 @@ def ids_to_codes(ids: np.ndarray, id_order) -> np.ndarray:
     """Token ids -> codes: an id's place in ``id_order``, else len(id_order) + its rank among the ids not in it.
 
     A permutation of the non-negative integers, so any id round-trips, including ids the order
-    has never seen. An empty order is the identity.
+    has never seen. An empty order is the identity. Negative ids (masked entries) stay as they are.
     """
     ids = np.asarray(ids, dtype=np.int64)
     order = np.asarray(id_order, dtype=np.int64)
@@ -174,7 +182,7 @@ def ids_to_codes(ids: np.ndarray, id_order) -> np.ndarray:
     sorted_order = order[by_id]
     below = np.searchsorted(sorted_order, ids)  # how many listed ids are smaller than each id
     hit = sorted_order[np.minimum(below, len(order) - 1)] == ids
-    return np.where(hit, by_id[np.minimum(below, len(order) - 1)], len(order) + ids - below)
+    return np.where(ids < 0, ids, np.where(hit, by_id[np.minimum(below, len(order) - 1)], len(order) + ids - below))
 
 
 def codes_to_ids(codes: np.ndarray, id_order) -> np.ndarray:
@@ -188,7 +196,7 @@ def codes_to_ids(codes: np.ndarray, id_order) -> np.ndarray:
     # place j has sorted_order[j] - j unlisted ids below it, which never decreases with j.
     r = codes - len(order)
     unlisted = r + np.searchsorted(sorted_order - np.arange(len(order)), r, side="right")
-    return np.where(codes < len(order), order[np.clip(codes, 0, len(order) - 1)], unlisted)
+    return np.where(codes < 0, codes, np.where(codes < len(order), order[np.clip(codes, 0, len(order) - 1)], unlisted))
 
 
 class SignalMismatchError(ValueError):
@@ -271,7 +279,10 @@ def encode_signals(table: pa.Table, scale: int = LOGPROB_SCALE, id_order=()) -> 
         raise ValueError("every position must hold the same number of top-k entries")
     lp = lp.astype(np.float64).reshape(-1, k) if k else np.zeros((0, 1))
     q = np.rint((lp[:, :1] - lp) * scale)
-    steps = np.clip(np.diff(q, axis=1), 0, np.iinfo(np.uint16).max).astype(np.uint16)
+    with np.errstate(invalid="ignore"):
+        # A masked entry (log-prob -inf, after the real ones) is an infinite step, clipped to the largest:
+        # it decodes 4096 nats below the entry before it, exp = 0. Between two masked entries inf - inf is 0.
+        steps = np.clip(np.nan_to_num(np.diff(q, axis=1), nan=0.0), 0, np.iinfo(np.uint16).max).astype(np.uint16)
     n_pos = lp.shape[0]
     step_lists = pa.ListArray.from_arrays(pa.array(np.arange(n_pos + 1, dtype=np.int32) * max(k - 1, 0)), pa.array(steps.reshape(-1)))
     with np.errstate(divide="ignore"):  # an empty tail is log(0) = -inf, which float16 holds

@@ -304,3 +304,35 @@ def test_readers_return_the_v4_columns_unless_target_logprob_is_asked_for_and_fi
             else:  # ...and is NaN where they do not
                 assert np.isnan(lp)
     assert any(np.isnan(x) for r in got4 for x in r["target_logprob"]) and any(not np.isnan(x) for r in got4 for x in r["target_logprob"])
+
+
+def test_masked_entries_of_a_mixture_round_trip_as_no_token():
+    """Padding entries (id -1, log-prob -inf, after the real ones) keep their id, decode to probability 0, and leave
+    the real entries, the tail and the learned id order as they would be without them."""
+    from raydistill.data.signals import learn_id_order
+
+    rng = np.random.default_rng(7)
+    k, n_pos = 6, 40
+    lp = np.log(rng.dirichlet(np.ones(200) * 0.2, n_pos))
+    top = np.argsort(-lp, axis=1)[:, :k]
+    top_lp = np.take_along_axis(lp, top, axis=1)
+    real = rng.integers(2, k + 1, n_pos)  # 2..k real entries per position, the rest masked
+    ids = np.where(np.arange(k) < real[:, None], top, -1)
+    lps = np.where(np.arange(k) < real[:, None], top_lp, -np.inf)
+    rows = [{"id": "r", "split": "train", "input_ids": [1] * (n_pos + 1), "target_start": 1, "topk_ids": ids.tolist(),
+             "topk_logprobs": lps.tolist(), "prompt": "p", "response": "r"}]
+    table = pa.Table.from_pylist(rows).select(SIGNAL_SCHEMA.names).cast(SIGNAL_SCHEMA)
+    order = learn_id_order(table["topk_ids"])
+    assert -1 not in order
+    back = decode_signals(encode_signals(table, id_order=order), id_order=order)
+    got_ids = np.array(back["topk_ids"].to_pylist()[0])
+    got_lp = np.array(back["topk_logprobs"].to_pylist()[0], dtype=np.float64)
+    assert (got_ids == ids).all()
+    mask = ids < 0
+    assert (np.exp(got_lp[mask]) == 0).all() and (got_lp[mask] <= -4000).all()
+    # The real entries: within the quantization of the unmasked encoding, and the same top-k mass.
+    unmasked = decode_signals(encode_signals(table.set_column(table.schema.get_field_index("topk_logprobs"), "topk_logprobs",
+                                                                pa.array([np.where(mask, -50.0, lps).tolist()], SIGNAL_SCHEMA.field("topk_logprobs").type))))
+    ref = np.array(unmasked["topk_logprobs"].to_pylist()[0], dtype=np.float64)
+    assert np.abs(got_lp[~mask] - ref[~mask]).max() < 1e-3
+    np.testing.assert_allclose(np.exp(got_lp).sum(axis=1), np.exp(np.where(mask, -np.inf, top_lp)).sum(axis=1), rtol=1e-2)
