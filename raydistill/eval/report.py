@@ -183,6 +183,26 @@ def _own_sample_lines(own: dict | None) -> list[str]:
             "nats/token. This is the text a user of the student sees; lower is closer to the teacher."]
 
 
+def distinct_ngram_fraction(texts: list[str], n: int = 4) -> float | None:
+    """Repetition of generated text: per answer, distinct word n-grams over all its word n-grams, averaged over the
+    answers that have any (None if none does). A fluent answer is near 1; "the most the most the most" near 0."""
+    fractions = []
+    for text in texts:
+        words = text.split()
+        grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+        if grams:
+            fractions.append(len(set(grams)) / len(grams))
+    return sum(fractions) / len(fractions) if fractions else None
+
+
+def repetition_figures(side_by_side: list[dict]) -> dict:
+    """Both models' distinct-4-gram fraction on their greedy side-by-side answers, and the student's over the teacher's."""
+    student = distinct_ngram_fraction([item["student"] for item in side_by_side])
+    teacher = distinct_ngram_fraction([item["teacher"] for item in side_by_side])
+    return {"student_distinct4": student, "teacher_distinct4": teacher,
+            "distinct4_ratio": student / teacher if student is not None and teacher else None}
+
+
 def write_markdown(report: dict, path: Path) -> None:
     s, t = report["student"], report["teacher"]
     lines = [
@@ -201,6 +221,8 @@ def write_markdown(report: dict, path: Path) -> None:
     ]
     if "tokens_per_s" in s:
         lines.append(f"| generation tokens/s (same vLLM settings) | {s['tokens_per_s']:.1f} | {t['tokens_per_s']:.1f} |")
+    if s.get("distinct4") is not None and t.get("distinct4") is not None:
+        lines.append(f"| distinct 4-grams in greedy answers (1 = no repetition) | {s['distinct4']:.2f} | {t['distinct4']:.2f} |")
     if report.get("engine_dtype"):
         d = report["engine_dtype"]
         lines.append(f"| vLLM engine dtype | {d['student']['dtype']} | {d['teacher']['dtype']} |")
@@ -208,6 +230,7 @@ def write_markdown(report: dict, path: Path) -> None:
         "",
         f"- **Top-1 agreement**: the student's most likely token is the teacher's most likely token at {report['top1_agreement']:.1%} of positions.",
         f"- **KL to the teacher**: {report['kl_to_teacher']:.4f} nats/token (forward KL over the teacher's top-k plus a tail bucket; 0 means the same distribution).",
+        f"- **Perplexity ratio** (student / teacher): {report['ppl_ratio']:.2f}." if "ppl_ratio" in report else "",
         *_own_sample_lines(report.get("own_samples")),
         "",
         "![comparison](comparison.png)",

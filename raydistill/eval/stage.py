@@ -81,6 +81,8 @@ def summarize(totals: dict[str, float], n_rows: int) -> dict:
         "teacher": {"nll": t_nll, "perplexity": math.exp(min(t_nll, 700))},
         "kl_to_teacher": totals["kl"] / n,
         "top1_agreement": totals["top1_agree"] / n,
+        # exp(nll_s - nll_t), capped like the perplexities: the student's perplexity over the teacher's.
+        "ppl_ratio": math.exp(min(s_nll - t_nll, 700)),
     }
 
 
@@ -117,6 +119,12 @@ def run_eval_stage(
         for m in ("student", "teacher"):
             report[m].update(figures.pop(m))
         report.update(figures)
+        if report.get("side_by_side"):
+            from raydistill.eval.report import repetition_figures
+
+            rep = repetition_figures(report["side_by_side"])
+            report["student"]["distinct4"], report["teacher"]["distinct4"] = rep["student_distinct4"], rep["teacher_distinct4"]
+            report["distinct4_ratio"] = rep["distinct4_ratio"]
     eval_dir = write_report(report, run)
     print(
         f"[eval] {n_rows} held-out sequences: student NLL {report['student']['nll']:.3f}, "
@@ -127,7 +135,8 @@ def run_eval_stage(
     if (own := report.get("own_samples")) and own["reverse_kl"] is not None:
         print(f"[eval] on the student's own samples ({own['tokens']} tokens): reverse KL to the teacher {own['reverse_kl']:.3f}, "
               f"teacher NLL {own['teacher_nll']:.3f}", flush=True)
-    return {"report": str(eval_dir / "report.json"), **{k: report[k] for k in ("kl_to_teacher", "top1_agreement")},
+    return {"report": str(eval_dir / "report.json"), **{k: report[k] for k in ("kl_to_teacher", "top1_agreement", "ppl_ratio")},
+            **({"distinct4_ratio": report["distinct4_ratio"]} if report.get("distinct4_ratio") is not None else {}),
             **({"own_samples": report["own_samples"]} if "own_samples" in report else {}),
             **({"engine_dtype": report["engine_dtype"]} if "engine_dtype" in report else {})}
 

@@ -121,6 +121,13 @@ def test_eval_stage_scores_student_and_teacher(tiny_run, train_run, tiny_spec, m
         assert report[who]["parameters"] == n_params
         assert report[who]["tokens_per_s"] > 0 and report[who]["speed_tokens"] == tiny_spec.eval.speed_tokens * min(tiny_spec.eval.speed_prompts, report["eval_sequences"])
     assert len(report["side_by_side"]) == min(tiny_spec.eval.side_by_side, report["eval_sequences"])
+    # The quality figures: the perplexity ratio, and repetition in both models' greedy answers.
+    from raydistill.eval.report import repetition_figures
+
+    assert out["ppl_ratio"] == report["ppl_ratio"] and math.isclose(report["ppl_ratio"], report["student"]["perplexity"] / report["teacher"]["perplexity"], rel_tol=1e-9)
+    rep = repetition_figures(report["side_by_side"])
+    assert (report["student"]["distinct4"], report["teacher"]["distinct4"], report.get("distinct4_ratio")) == \
+        (rep["student_distinct4"], rep["teacher_distinct4"], rep["distinct4_ratio"])
     eval_dir = Path(out["report"]).parent
     for png in ("loss_curve.png", "comparison.png"):
         assert (eval_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
