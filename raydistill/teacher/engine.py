@@ -12,7 +12,7 @@ turns every (position, candidate) log-prob into a Python dict (``dataclasses.asd
 ``Logprob``, then pydantic's ``model_dump``), hands Ray Data rows whose dict-keyed columns Arrow
 cannot type (Ray formats the whole column into an error text before it falls back to pickle), and
 needs a separate row-wise post-process task to flatten them again. That cost ~6 us per entry in the
-engine actor's one frontend process (issue 17). This UDF asks vLLM for flat, final-only log-probs
+engine actor's one frontend process. This UDF asks vLLM for flat, final-only log-probs
 and writes the signal columns as Arrow arrays straight from them (``raydistill.teacher.arrays``).
 It is applied with the library stage's own ``map_batches`` arguments (``apply_signal_engines``), so
 the autoscaling actor pool, the placement groups (tensor parallelism), the per-row errors of
