@@ -128,6 +128,20 @@ class TeacherSpec(_Section):
         return {"min": v, "max": v} if isinstance(v, int) and not isinstance(v, bool) else v
 
 
+class TeacherEntry(TeacherSpec):
+    """One of several teachers (``teachers:``): a ``teacher:`` section plus its name, weight and domains."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64,
+                      description="The teacher's name: the signals' `teacher` column, its directory under signals/teachers/ and the report's key.")
+    weight: float = Field(1.0, gt=0.0, allow_inf_nan=False,
+                          description="routing: ensemble: the teacher's share of the mixture (weights are normalised to sum to 1).")
+    domains: list[str] = Field(default_factory=list,
+                               description="routing: domain: the values of data.domain_field whose rows this teacher writes.")
+
+    def as_teacher(self) -> TeacherSpec:
+        return TeacherSpec(**self.model_dump(exclude={"name", "weight", "domains"}))
+
+
 class StudentSpec(_Section):
     init: Literal["pretrained", "prune_from_teacher"] = Field(
         "pretrained",
@@ -227,6 +241,11 @@ class DataSpec(_Section):
         ge=1,
         description="Records (a JSONL or text line, a text file, a Parquet row as JSON) larger than this are rejected before they are parsed or tokenized.",
     )
+    domain_field: str | None = Field(
+        None,
+        min_length=1,
+        description="Key of a row's domain (a string) in jsonl/parquet rows; with teachers: and teacher_pass.routing: domain it picks the row's teacher.",
+    )
     on_bad_row: Literal["reject", "fail"] = Field(
         "reject",
         description="'reject': bad rows go to signals/_rejected.jsonl with a reason and the job goes on; 'fail': stop before the teacher starts and list them.",
@@ -267,6 +286,16 @@ class TeacherPassSpec(_Section):
     chat_template: bool | None = Field(
         None,
         description="Render prompts with the teacher's chat template. Unset: only for `messages` rows, or when a system prompt is given.",
+    )
+    routing: Literal["domain", "ensemble"] | None = Field(
+        None,
+        description=(
+            "With several teachers (teachers:), required. 'domain': each row goes to the teacher that lists its domain "
+            "(data.domain_field) and the signals get `teacher` and `domain` columns. 'ensemble': the first teacher writes the "
+            "responses (generate mode; score mode: the corpus gives them), every teacher scores the same tokens, and the signals "
+            "hold their weighted mixture over the union of their top-k, with an exact tail; each teacher's own signals stay in "
+            "signals/teachers/<name>/."
+        ),
     )
     shard_rows: int = Field(
         256,
@@ -403,6 +432,48 @@ class TrainSpec(_Section):
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3 (ZeRO-Offload partitions the optimizer)")
         return self
+
+
+class LoopDDKSpec(_Section):
+    beta: float = Field(0.5, ge=0.0, le=1.0, description="DDK's smoothing: w <- (1 - beta) * w + beta * softmax(gap / temperature).")
+    temperature: float = Field(1.0, gt=0.0, description="DDK's temperature: how sharply the largest gap wins the next round's weight.")
+
+
+class LoopHardSpec(_Section):
+    fraction: float = Field(0.5, ge=0.0, le=1.0, description="Share of each domain's rows in a round that replays its hardest rows (the rest is drawn evenly).")
+    criterion: Literal["kl", "top1_mismatch"] = Field(
+        "kl", description="How hard a row is: the student's per-token KL to the teacher, or the share of positions where its greedy token is not the teacher's top-1.")
+
+
+class LoopSpec(_Section):
+    rounds: int = Field(
+        1, ge=1, le=100,
+        description=("Training rounds. 1: train once (no loop). More: round 0 trains on every row; each later round measures the "
+                     "student's gap per domain, chooses rows by `policy` and trains on from the last round's student for train.max_steps steps."))
+    policy: list[Literal["uniform", "ddk", "hard"]] = Field(
+        default_factory=lambda: ["uniform"],
+        description=("How a round chooses its rows, one policy or a list: 'uniform' (each domain by its share of the corpus), 'ddk' (domain "
+                     "weights moved toward the larger gap, DDK), 'hard' (replay each domain's hardest rows, with uniform or ddk weights)."))
+    rows_per_round: int | None = Field(None, ge=1, description="Training rows each round after the first draws (repeats allowed). Unset: as many as the corpus has.")
+    gap_rows_per_domain: int = Field(64, ge=1, description="Held-out rows per domain the gap is measured on (the same slice every round).")
+    seed: int = Field(0, description="Seed of each round's draw (round r uses seed + r).")
+    ddk: LoopDDKSpec = Field(default_factory=LoopDDKSpec, description="The ddk policy's settings.")
+    hard: LoopHardSpec = Field(default_factory=LoopHardSpec, description="The hard policy's settings.")
+
+    @field_validator("policy", mode="before")
+    @classmethod
+    def _one_or_list(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _policies_combine(self) -> "LoopSpec":
+        if len(set(self.policy)) != len(self.policy) or {"uniform", "ddk"} <= set(self.policy) or not self.policy:
+            raise ValueError(f"policy: {self.policy} does not combine; give one of uniform or ddk, optionally with hard")
+        return self
+
+    @property
+    def policies(self) -> set[str]:
+        return set(self.policy)
 
 
 class EvalSpec(_Section):
@@ -649,22 +720,56 @@ def _run_dir_problem(value: str) -> str | None:
 
 
 class JobSpec(_Section):
-    teacher: TeacherSpec = Field(description="The teacher model and its vLLM engines.")
+    teacher: TeacherSpec | None = Field(
+        None,
+        description="The teacher model and its vLLM engines. With teachers: it is filled from the first teacher (eval and on-policy scoring use it).",
+    )
+    teachers: list[TeacherEntry] | None = Field(
+        None,
+        min_length=1,
+        description="Several teachers instead of teacher: (each one a teacher: section plus name, weight, domains); see teacher_pass.routing.",
+    )
     student: StudentSpec = Field(description="The student model.")
     data: DataSpec = Field(description="The prompt corpus.")
     teacher_pass: TeacherPassSpec = Field(default_factory=TeacherPassSpec, description="What the teacher produces.")
     distill: DistillSpec = Field(default_factory=DistillSpec, description="The distillation loss.")
     train: TrainSpec = Field(default_factory=TrainSpec, description="Ray Train and DeepSpeed settings.")
+    loop: LoopSpec | None = Field(None, description="The adaptive data loop: training rounds that re-weight and replay the data where the student trails. Unset: train once.")
     eval: EvalSpec = Field(default_factory=EvalSpec, description="Evaluation of the student against the teacher.")
     serve: ServeSpec = Field(default_factory=ServeSpec, description="Serving the student over HTTP.")
     runtime: RuntimeSpec = Field(description="Where the job runs and writes.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _one_teacher_section(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and raw.get("teachers") is not None:
+            teachers = raw["teachers"]
+            if raw.get("teacher") is not None and not _is_first_teacher(raw["teacher"], teachers):
+                raise ValueError("give either teacher: or teachers:, not both")
+            raw = {**raw, "teacher": None}  # filled from teachers[0] once that is valid
+        return raw
+
     @model_validator(mode="after")
     def _cross_checks(self) -> "JobSpec":
         errors = []
-        max_logprobs = self.teacher.engine_args.get("max_logprobs")
-        if max_logprobs is not None and self.teacher_pass.top_k > int(max_logprobs):
-            errors.append(f"teacher_pass.top_k: {self.teacher_pass.top_k} exceeds teacher.engine_args.max_logprobs ({max_logprobs})")
+        if self.teachers is not None:
+            self.teacher = self.teachers[0].as_teacher()
+            errors += multi_teacher_errors(self.teachers, self.teacher_pass, self.data)
+            if self.distill.mode == "on_policy":
+                errors.append("distill.mode: on_policy scores the rollouts with one teacher; with several (teachers:) use offline")
+        elif self.teacher is None:
+            errors.append("teacher: required section is missing (or give teachers:)")
+        if self.loop is not None and self.loop.rounds > 1:
+            if "ddk" in self.loop.policies and self.data.domain_field is None:
+                errors.append("data.domain_field: required with loop.policy ddk (it re-weights domains)")
+            if self.distill.mode == "on_policy":
+                errors.append("loop.rounds: the loop trains offline; distill.mode on_policy takes loop.rounds: 1")
+        elif self.teacher_pass.routing is not None:
+            errors.append("teacher_pass.routing: only used with several teachers (teachers:)")
+        for key, teacher in [("teacher", self.teacher)] if self.teachers is None and self.teacher else [] if self.teachers is None else [(f"teachers[{i}]", t) for i, t in enumerate(self.teachers)]:
+            max_logprobs = teacher.engine_args.get("max_logprobs")
+            if max_logprobs is not None and self.teacher_pass.top_k > int(max_logprobs):
+                errors.append(f"teacher_pass.top_k: {self.teacher_pass.top_k} exceeds {key}.engine_args.max_logprobs ({max_logprobs})")
         if errors:
             raise ValueError("; ".join(errors))
         return self
@@ -672,6 +777,44 @@ class JobSpec(_Section):
     @property
     def model_id(self) -> str:
         return self.serve.model_id or Path(self.runtime.run_dir.rstrip("/")).name
+
+
+def _is_first_teacher(teacher: Any, teachers: Any) -> bool:
+    """A dumped spec with teachers: also holds the teacher: filled from the first one; reading it back is not "both"."""
+    if not (isinstance(teacher, dict) and isinstance(teachers, list) and teachers and isinstance(teachers[0], dict)):
+        return False
+    first = {k: v for k, v in teachers[0].items() if k not in ("name", "weight", "domains")}
+    return all(teacher.get(k) == v for k, v in first.items())
+
+
+def multi_teacher_errors(teachers: list[TeacherEntry], teacher_pass: TeacherPassSpec, data: DataSpec) -> list[str]:
+    """What is wrong with several teachers' settings, each naming the teacher and the key."""
+    errors = []
+    names = [t.name for t in teachers]
+    errors += [f"teachers[{i}].name: {t.name!r} is used by an earlier teacher" for i, t in enumerate(teachers) if t.name in names[:i]]
+    if teacher_pass.routing is None:
+        errors.append("teacher_pass.routing: required with teachers: ('domain' or 'ensemble')")
+    elif teacher_pass.routing == "domain":
+        if data.domain_field is None:
+            errors.append("data.domain_field: required with teacher_pass.routing: domain (the key of each row's domain)")
+        if data.format not in ("jsonl", "parquet"):
+            errors.append(f"data.format: {data.format!r} rows have no fields; teacher_pass.routing: domain needs jsonl or parquet")
+        owner: dict[str, str] = {}
+        for i, t in enumerate(teachers):
+            if not t.domains:
+                errors.append(f"teachers[{i}].domains: teacher {t.name!r} lists no domain (routing: domain)")
+            for d in t.domains:
+                if d in owner:
+                    errors.append(f"teachers[{i}].domains: domain {d!r} of teacher {t.name!r} is also teacher {owner[d]!r}'s")
+                owner.setdefault(d, t.name)
+    else:
+        errors += [f"teachers[{i}].domains: only used with teacher_pass.routing: domain (teacher {t.name!r})" for i, t in enumerate(teachers) if t.domains]
+    return errors
+
+
+def domain_owners(teachers: list[TeacherEntry]) -> dict[str, str]:
+    """domain -> the name of the teacher that writes its rows (routing: domain)."""
+    return {d: t.name for t in teachers for d in t.domains}
 
 
 # --------------------------------------------------------------------------- loading
@@ -710,6 +853,11 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 def _absolutize_paths(raw: dict) -> None:
     # Relative paths mean "relative to where the user ran the command"; they are made absolute
     # before anything reaches Ray, whose workers run in other directories.
+    teachers = raw.get("teachers")
+    if isinstance(teachers, list):
+        for t in teachers:
+            if isinstance(t, dict) and isinstance(t.get("model"), str) and "://" not in t["model"] and not is_builtin_model(t["model"]):
+                t["model"] = os.path.abspath(os.path.expanduser(t["model"]))
     for dotted in _PATH_KEYS:
         section, key = dotted.split(".")
         node = raw.get(section)
@@ -726,7 +874,10 @@ def format_validation_error(err: ValidationError) -> list[str]:
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<spec>"
         msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "missing":
+        if not e["loc"] and e["type"] == "value_error":
+            # The spec's cross-checks: each message names its keys; the whole spec is no use as the "value".
+            lines.extend(msg.split("; "))
+        elif e["type"] == "missing":
             lines.append(f"{key}: required field is missing")
         elif e["type"] == "extra_forbidden":
             lines.append(f"{key}: unknown key (value {e['input']!r})")

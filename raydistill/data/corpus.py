@@ -24,7 +24,7 @@ import pyarrow as pa
 from raydistill.data.signals import stable_split
 from raydistill.spec import DataSpec, TeacherPassSpec
 
-REQUEST_COLUMNS = ("id", "split", "source", "prompt", "response", "prompt_ids", "target_ids", "reject", "raw")
+REQUEST_COLUMNS = ("id", "split", "source", "prompt", "response", "prompt_ids", "target_ids", "domain", "reject", "raw")
 # Rows per block when streaming a text file; bounds memory regardless of file size.
 LINES_PER_BLOCK = 2048
 _RAW_SNIPPET = 200
@@ -140,7 +140,7 @@ def read_records(data: DataSpec):
     return ray.data.read_datasource(_line_datasource_cls()(paths, whole_file=data.format == "text_files", max_record_bytes=data.max_record_bytes))
 
 
-_NO_REQUEST = {"id": "", "prompt": "", "response": "", "prompt_ids": [], "target_ids": []}
+_NO_REQUEST = {"id": "", "prompt": "", "response": "", "prompt_ids": [], "target_ids": [], "domain": ""}
 
 
 class RowError(ValueError):
@@ -154,10 +154,12 @@ class RequestBuilder:
     exact. Bad rows come out with ``reject`` set and are never raised.
     """
 
-    def __init__(self, data: DataSpec, teacher_pass: TeacherPassSpec, tokenizer_path: str, max_prompt_tokens: int):
+    def __init__(self, data: DataSpec, teacher_pass: TeacherPassSpec, tokenizer_path: str, max_prompt_tokens: int,
+                 domains: dict[str, str] | None = None):
         from transformers import AutoTokenizer
 
         self.data, self.tp = data, teacher_pass
+        self.domains = domains  # domain -> its teacher (teacher_pass.routing: domain), else None
         self.tok = AutoTokenizer.from_pretrained(tokenizer_path)
         self.max_prompt_tokens = max_prompt_tokens
 
@@ -235,7 +237,19 @@ class RequestBuilder:
             raise RowError(f"{n_tokens} tokens exceeds the limit of {self.max_prompt_tokens} (data.max_prompt_tokens)")
         if self.tp.mode == "score" and n_tokens < 2:
             raise RowError("text has no token to score after BOS")
-        return {"id": example_id, "prompt": prompt, "response": response or "", "prompt_ids": prompt_ids, "target_ids": target_ids}
+        return {"id": example_id, "prompt": prompt, "response": response or "", "prompt_ids": prompt_ids, "target_ids": target_ids,
+                "domain": self._domain(record)}
+
+    def _domain(self, record) -> str:
+        """The row's domain (``data.domain_field``, a string); with rows routed by domain, one that some teacher lists."""
+        if self.data.domain_field is None:
+            return ""
+        domain = record.get(self.data.domain_field) if isinstance(record, dict) else None
+        if not isinstance(domain, str):
+            raise RowError(f"field {self.data.domain_field!r} (data.domain_field) is missing or not a string")
+        if self.domains is not None and domain not in self.domains:
+            raise RowError(f"domain {domain!r} has no teacher (teachers' domains: {', '.join(sorted(self.domains))})")
+        return domain
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         out: dict[str, list] = {c: [] for c in REQUEST_COLUMNS}
@@ -312,13 +326,16 @@ def duplicate_ids(data: DataSpec, shown: int = 10) -> list[tuple[str, list[str]]
     return sorted((i, sorted(s)) for i, s in sources.items() if len(s) > 1)[:shown]
 
 
-def prepare_requests(data: DataSpec, teacher_pass: TeacherPassSpec, tokenizer_path: str, max_prompt_tokens: int):
-    """Lazy Dataset of teacher requests (``REQUEST_COLUMNS``), bad rows marked in ``reject``."""
+def prepare_requests(data: DataSpec, teacher_pass: TeacherPassSpec, tokenizer_path: str, max_prompt_tokens: int,
+                     domains: dict[str, str] | None = None):
+    """Lazy Dataset of teacher requests (``REQUEST_COLUMNS``), bad rows marked in ``reject``. ``domains`` (domain ->
+    teacher): rows are routed by ``data.domain_field``, and a row whose domain no teacher lists is a bad row."""
     import ray.data
 
     return read_records(data).map_batches(
         RequestBuilder,
-        fn_constructor_kwargs={"data": data, "teacher_pass": teacher_pass, "tokenizer_path": tokenizer_path, "max_prompt_tokens": max_prompt_tokens},
+        fn_constructor_kwargs={"data": data, "teacher_pass": teacher_pass, "tokenizer_path": tokenizer_path, "max_prompt_tokens": max_prompt_tokens,
+                               "domains": domains},
         batch_format="numpy",
         batch_size=256,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, (os.cpu_count() or 2) // 2)),

@@ -126,6 +126,10 @@ TARGET_LOGPROB_FIELD = pa.field("target_logprob", pa.list_(pa.float32()))
 # What the teacher pass writes (v5): SIGNAL_SCHEMA plus the columns older versions lack.
 FULL_SIGNAL_SCHEMA = pa.schema(list(SIGNAL_SCHEMA) + [TARGET_LOGPROB_FIELD])
 FULL_SIGNAL_COLUMNS = FULL_SIGNAL_SCHEMA.names
+# Optional row labels, plain strings stored as they are and read when asked for: ``domain`` (the row's
+# ``data.domain_field``, whenever that is set) and ``teacher`` (which teacher wrote the row, with several
+# teachers routed by domain).
+ROUTING_COLUMNS = ["teacher", "domain"]
 STORED_SCHEMA = pa.schema(
     [f for f in SIGNAL_SCHEMA if f.name != "topk_logprobs"]
     + [pa.field("tail_logprob", pa.list_(pa.float16())), pa.field("topk_logprob_steps", pa.list_(pa.list_(pa.uint16())))]
@@ -300,7 +304,9 @@ def encode_signals(table: pa.Table, scale: int = LOGPROB_SCALE, id_order=()) -> 
     stored = stored.append_column("topk_logprob_steps", pa.ListArray.from_arrays(outer, step_lists))
     if has_target:
         stored = stored.append_column(STORED_TARGET_FIELD.name, pa.ListArray.from_arrays(outer, pa.array(target_steps)))
-    return stored.cast(FULL_STORED_SCHEMA if has_target else STORED_SCHEMA)
+    schema = FULL_STORED_SCHEMA if has_target else STORED_SCHEMA
+    routing = [c for c in ROUTING_COLUMNS if c in stored.column_names]
+    return stored.select(schema.names + routing).cast(pa.schema(list(schema) + [pa.field(c, pa.string()) for c in routing]))
 
 
 def _per_position(column, outer: pa.Array) -> np.ndarray:
@@ -344,7 +350,7 @@ def decode_signals(table: pa.Table, scale: int = LOGPROB_SCALE, id_order=()) -> 
         q_t = _nested_single(out[STORED_TARGET_FIELD.name]).astype(np.float64)
         target = np.where(q_t == _TARGET_MISSING, np.nan, lp[:, 0] - q_t / scale) if n_pos else np.zeros(0)
         out = out.drop_columns([STORED_TARGET_FIELD.name]).append_column(TARGET_LOGPROB_FIELD.name, pa.ListArray.from_arrays(outer, pa.array(target.astype(np.float32))))
-    return out.select([c for c in FULL_SIGNAL_COLUMNS if c in out.column_names])
+    return out.select([c for c in FULL_SIGNAL_COLUMNS + ROUTING_COLUMNS if c in out.column_names])
 
 
 def _nested_single(column) -> np.ndarray:
@@ -379,7 +385,8 @@ def target_logprob_from_topk(table: pa.Table) -> pa.ListArray:
 
 def _stored_columns(columns: list[str], schema_version: int, stored_target: bool) -> list[str]:
     """The stored columns that decode to ``columns``. ``stored_target``: the shards hold ``target_logprob_step``
-    (else ``target_logprob`` is filled from the top k, which needs the ids and the top k)."""
+    (else ``target_logprob`` is filled from the top k, which needs the ids and the top k). ``ROUTING_COLUMNS``
+    are stored as they are."""
     wanted = set(columns)
     if TARGET_LOGPROB_FIELD.name in wanted:
         wanted |= {"topk_logprobs"} | (set() if stored_target else {"input_ids", "target_start", "topk_ids"})
@@ -389,7 +396,7 @@ def _stored_columns(columns: list[str], schema_version: int, stored_target: bool
         out = [c for c in out if c not in (anchor, "topk_logprob_steps")] + [anchor, "topk_logprob_steps"]
     if TARGET_LOGPROB_FIELD.name in wanted and stored_target:
         out.append(STORED_TARGET_FIELD.name)
-    return out
+    return out + [c for c in ROUTING_COLUMNS if c in wanted]
 
 
 def _decode_columns(table: pa.Table, columns: list[str], meta: dict) -> pa.Table:
@@ -397,7 +404,7 @@ def _decode_columns(table: pa.Table, columns: list[str], meta: dict) -> pa.Table
     out = decode_signals(table, meta["logprob_scale"], meta.get("topk_id_order", ()))
     if TARGET_LOGPROB_FIELD.name in columns and TARGET_LOGPROB_FIELD.name not in out.column_names:
         out = out.append_column(TARGET_LOGPROB_FIELD.name, target_logprob_from_topk(out))
-    return out.select([c for c in FULL_SIGNAL_COLUMNS if c in columns])
+    return out.select([c for c in FULL_SIGNAL_COLUMNS + ROUTING_COLUMNS if c in columns])
 
 
 def shard_files(signals_dir: str | Path) -> list[str]:
@@ -412,25 +419,30 @@ def shard_files(signals_dir: str | Path) -> list[str]:
     return files
 
 
-def load_signals(signals_dir: str | Path, columns: list[str] | None = None) -> pa.Table:
+def load_signals(signals_dir: str | Path, columns: list[str] | None = None, files: list[str] | None = None, ids=None) -> pa.Table:
     """All signal rows of ``signals_dir`` as one decoded table (small runs, tests, reports): ``SIGNAL_SCHEMA``,
-    or ``columns`` of ``FULL_SIGNAL_SCHEMA`` (``target_logprob`` only when asked for)."""
+    or ``columns`` of ``FULL_SIGNAL_SCHEMA`` (``target_logprob`` only when asked for). ``files``: only these
+    shards; ``ids``: only the rows with these ids (read with a filter, so one shard's worth of rows at a time)."""
     import pyarrow.dataset as pads
 
     meta = read_signal_meta(signals_dir)
     columns = list(SIGNAL_COLUMNS) if columns is None else list(columns)
-    ds = pads.dataset(shard_files(signals_dir), format="parquet")
-    table = ds.to_table(columns=_stored_columns(columns, meta["schema_version"], STORED_TARGET_FIELD.name in ds.schema.names))
+    ds = pads.dataset(files or shard_files(signals_dir), format="parquet")
+    wanted = _stored_columns(columns, meta["schema_version"], STORED_TARGET_FIELD.name in ds.schema.names)
+    table = ds.to_table(columns=wanted, filter=None if ids is None else pads.field("id").isin(pa.array(list(ids.to_pylist() if hasattr(ids, "to_pylist") else ids), pa.string())))
     return _decode_columns(table, columns, meta)
 
 
-def read_signals(signals_dir: str | Path, split: str | None = None):
-    """A lazy Ray Dataset of decoded signal rows, optionally only one split."""
+def read_signals(signals_dir: str | Path, split: str | None = None, extra_columns: tuple[str, ...] = ()):
+    """A lazy Ray Dataset of decoded signal rows, optionally only one split; ``extra_columns``: ``ROUTING_COLUMNS`` to add."""
     import ray.data
 
     meta = read_signal_meta(signals_dir)
+    unknown = [c for c in extra_columns if c not in ROUTING_COLUMNS]
+    if unknown:
+        raise ValueError(f"extra_columns: {unknown} are not among {ROUTING_COLUMNS}")
     # The SIGNAL_SCHEMA columns, as before v5: training reads no target_logprob.
-    ds = ray.data.read_parquet(shard_files(signals_dir), columns=_stored_columns(list(SIGNAL_COLUMNS), meta["schema_version"], False))
+    ds = ray.data.read_parquet(shard_files(signals_dir), columns=_stored_columns(list(SIGNAL_COLUMNS) + list(extra_columns), meta["schema_version"], False))
     if split is not None:
         ds = ds.filter(expr=f"split == '{split}'")
     return ds.map_batches(decode_signals, fn_kwargs={"scale": meta["logprob_scale"], "id_order": meta.get("topk_id_order", ())}, batch_format="pyarrow")

@@ -79,8 +79,10 @@ def _provenance(spec: JobSpec, run: RunDir) -> list[str]:
     manifest = json.loads(run.manifest.read_text()) if run.manifest.exists() else {"stages": {}}
     corpus = manifest["stages"].get("teacher", {}).get("inputs", {}).get("corpus")
     tp, d, tr = spec.teacher_pass, spec.distill, spec.train
+    teachers = spec.teacher.model if spec.teachers is None else "; ".join(
+        f"{t.model} (`{t.name}`, " + (f"domains {', '.join(t.domains)})" if tp.routing == "domain" else f"weight {t.weight:g})") for t in spec.teachers)
     out = [
-        f"- **Teacher:** {spec.teacher.model}; teacher pass `{tp.mode}`, top-{tp.top_k} log-probs"
+        f"- **Teacher{'' if spec.teachers is None else 's, routing ' + tp.routing}:** {teachers}; teacher pass `{tp.mode}`, top-{tp.top_k} log-probs"
         + (f", responses of at most {tp.sampling.max_tokens} tokens at temperature {tp.sampling.temperature}" if tp.mode == "generate" else ""),
         f"- **Corpus:** `{spec.data.path}`" + (f" (fingerprint `{corpus}`: file sizes and modification times)" if corpus else ""),
         f"- **Loss:** `{d.loss}` with cross-entropy weight {d.ce_weight}, temperature {d.temperature}"

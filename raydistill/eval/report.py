@@ -183,6 +183,29 @@ def _own_sample_lines(own: dict | None) -> list[str]:
             "nats/token. This is the text a user of the student sees; lower is closer to the teacher."]
 
 
+def _group_lines(report: dict) -> list[str]:
+    """A "KL by domain" table (rows with a domain; with domain routing, each against its teacher) and a "KL by teacher"
+    one (ensemble); none for a run without domains and with one teacher."""
+    lines: list[str] = []
+    if by_domain := report.get("by_domain"):
+        routed = any(g["teacher"] for g in by_domain.values())
+        lines += ["## KL by domain", "",
+                  ("Each domain is scored against its own teacher's signals. The teacher NLL is the first teacher's." if routed
+                   else "The held-out figures of each domain (data.domain_field)."), "",
+                  "| domain | teacher | sequences | tokens | KL to its teacher (nats/token) | top-1 agreement | student NLL | teacher NLL |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {d} | {g['teacher'] or ''} | {g['eval_sequences']} | {g['eval_tokens']} | {g['kl_to_teacher']:.4f} | "
+                  f"{g['top1_agreement']:.1%} | {g['student_nll']:.3f} | {g['teacher_nll']:.3f} |" for d, g in by_domain.items()]
+        lines.append("")
+    if by_teacher := report.get("kl_by_teacher"):
+        lines += ["## KL by teacher", "",
+                  "The student was trained on the teachers' weighted mixture; here it is also scored against each teacher alone.", "",
+                  "| teacher | KL (nats/token) |", "|---|---|"]
+        lines += [f"| {name} | {kl:.4f} |" for name, kl in by_teacher.items()]
+        lines += [f"| mixture | {report['kl_to_teacher']:.4f} |", ""]
+    return lines
+
+
 def distinct_ngram_fraction(texts: list[str], n: int = 4) -> float | None:
     """Repetition of generated text: per answer, distinct word n-grams over all its word n-grams, averaged over the
     answers that have any (None if none does). A fluent answer is near 1; "the most the most the most" near 0."""
@@ -233,6 +256,7 @@ def write_markdown(report: dict, path: Path) -> None:
         f"- **Perplexity ratio** (student / teacher): {report['ppl_ratio']:.2f}." if "ppl_ratio" in report else "",
         *_own_sample_lines(report.get("own_samples")),
         "",
+        *_group_lines(report),
         "![comparison](comparison.png)",
         "",
     ]

@@ -37,7 +37,9 @@ def spec_fields(raw: dict, reads: tuple[str, ...], ignores: tuple[str, ...] = ()
         if isinstance(node, dict) and node:
             for k in sorted(node):
                 walk(f"{prefix}.{k}", node[k])
-        else:
+        elif node is not None:
+            # An unset optional key reads as an absent one, so a key added to the spec later
+            # (teachers, data.domain_field, ...) leaves the runs made before it up to date.
             out[prefix] = node
 
     for dotted in reads:

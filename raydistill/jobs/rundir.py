@@ -52,3 +52,8 @@ class RunDir:
     @property
     def eval(self) -> Path:
         return self.root / "eval"
+
+    @property
+    def rounds(self) -> Path:
+        """The adaptive loop's rounds (``loop.rounds`` > 1): one run directory per round, and the loop's report."""
+        return self.root / "rounds"

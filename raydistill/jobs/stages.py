@@ -45,7 +45,20 @@ def _teacher(ctx: StageContext) -> dict:
     from raydistill.teacher.stage import run_teacher_stage
 
     s = ctx.spec
+    if s.teachers is not None:
+        from raydistill.teacher.multi import run_multi_teacher_stage
+
+        return run_multi_teacher_stage(s.data, s.teachers, s.teacher_pass, list(_teacher_models(ctx).values()), str(ctx.run.signals))
     return run_teacher_stage(s.data, s.teacher, s.teacher_pass, ctx.teacher_path, str(ctx.run.signals))
+
+
+def _teacher_models(ctx: StageContext) -> dict[str, str]:
+    """Role -> directory of every teacher the pass runs: ``teacher``, or ``teacher:<name>`` for each of several."""
+    from raydistill.models import resolve_model
+
+    if ctx.spec.teachers is None:
+        return {"teacher": ctx.teacher_path}
+    return {f"teacher:{t.name}": resolve_model(t.model) for t in ctx.spec.teachers}
 
 
 def _train(ctx: StageContext) -> dict:
@@ -54,8 +67,18 @@ def _train(ctx: StageContext) -> dict:
     from raydistill.distill.model_card import write_model_card
 
     s = ctx.spec
-    out = run_train_stage(s.train, s.distill, ctx.student_path, ctx.run.signals, ctx.run, student=s.student, teacher_path=ctx.teacher_path,
-                          teacher=s.teacher, teacher_pass=s.teacher_pass)
+
+    def train_round(run, student_path, first: bool) -> dict:
+        # The first round initializes the student as the spec says; later ones continue from the last round's.
+        return run_train_stage(s.train, s.distill, ctx.student_path if first else student_path, ctx.run.signals if first else run.signals, run,
+                               student=s.student if first else None, teacher_path=ctx.teacher_path, teacher=s.teacher, teacher_pass=s.teacher_pass)
+
+    if s.loop is not None and s.loop.rounds > 1:
+        from raydistill.loop.rounds import run_loop
+
+        out = run_loop(s, ctx.run, train_round)
+    else:
+        out = train_round(ctx.run, None, True)
     out["model_card"] = str(write_model_card(s, ctx.run, ctx.teacher_path))
     return out
 
@@ -100,10 +123,10 @@ _SERVE_RUNTIME = ("serve.host", "serve.port", "serve.app_name", "serve.api_key_e
                   "serve.retry_after_s")
 
 STAGES: tuple[Stage, ...] = (
-    Stage("teacher", _teacher, reads=("teacher.model", "teacher.engine_args", "data", "teacher_pass"), ignores=_TEACHER_RUNTIME,
-          models=lambda ctx: {"teacher": ctx.teacher_path}, reads_corpus=True, outputs=lambda run: (run.signals,)),
-    Stage("train", _train, reads=("student", "distill", "train"), ignores=_TRAIN_RUNTIME, after=("teacher",), models=_train_models,
-          outputs=lambda run: (run.checkpoints, run.train, run.student_init, run.student, run.on_policy)),
+    Stage("teacher", _teacher, reads=("teacher.model", "teacher.engine_args", "teachers", "data", "teacher_pass"), ignores=_TEACHER_RUNTIME,
+          models=_teacher_models, reads_corpus=True, outputs=lambda run: (run.signals,)),
+    Stage("train", _train, reads=("student", "distill", "train", "loop"), ignores=_TRAIN_RUNTIME, after=("teacher",), models=_train_models,
+          outputs=lambda run: (run.checkpoints, run.train, run.student_init, run.student, run.on_policy, run.rounds)),
     Stage("eval", _eval, reads=("eval", "train.max_seq_len", "teacher.engine_args"), ignores=("eval.enabled", "eval.num_cpus"),
           after=("teacher", "train"), models=lambda ctx: {"teacher": ctx.teacher_path}, outputs=lambda run: (run.eval,),
           enabled=lambda spec: spec.eval.enabled),

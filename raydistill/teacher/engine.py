@@ -106,7 +106,7 @@ class _Request:
     params: str
 
 
-# The pass-through columns of a teacher request that the signal rows keep.
+# The pass-through columns of a teacher request that the signal rows keep ("domain" too when the rows have one).
 _PASSED = ("id", "split", "prompt", "source")
 _EMPTY = pa.array([], pa.string())
 
@@ -176,7 +176,7 @@ class SignalEngineUDF(DtypeResolvingEngineUDF):
             await self.llm.engine.do_log_stats()
         errors = [r["__inference_error__"] for r in results]
         signals = [None if e else r["signal"] for r, e in zip(results, errors)]
-        columns = {c: pa.array([str(x) for x in batch[c]], pa.string()) if n else _EMPTY for c in _PASSED}
+        columns = {c: pa.array([str(x) for x in batch[c]], pa.string()) if n else _EMPTY for c in _PASSED + (("domain",) if "domain" in batch else ())}
         if self._mode == "score":
             response = [str(x) for x in batch["response"]] if n else []
         else:  # "" when the engine did not detokenize; the sink decodes it

@@ -211,10 +211,11 @@ class _RejectSink:
     batch it sees, written to the metadata before any shard that uses it, kept by a re-run.
     """
 
-    def __init__(self, parts_dir: str, signals_dir: str, tokenizer_path: str | None = None):
+    def __init__(self, parts_dir: str, signals_dir: str, tokenizer_path: str | None = None, teacher_name: str | None = None,
+                 domain: bool = False):
         from raydistill.data.signals import read_signal_meta
 
-        self.parts_dir, self.signals_dir = parts_dir, signals_dir
+        self.parts_dir, self.signals_dir, self.teacher_name, self.domain = parts_dir, signals_dir, teacher_name, domain
         self.id_order = read_signal_meta(signals_dir).get("topk_id_order")
         self.tokenizer = None
         if tokenizer_path is not None:
@@ -223,7 +224,12 @@ class _RejectSink:
             self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        good = _drop_bad_rows(batch, self.parts_dir).select(FULL_SIGNAL_COLUMNS).cast(FULL_SIGNAL_SCHEMA)
+        rows = _drop_bad_rows(batch, self.parts_dir)
+        good = rows.select(FULL_SIGNAL_COLUMNS).cast(FULL_SIGNAL_SCHEMA)
+        if self.teacher_name is not None:  # routing: domain
+            good = good.append_column("teacher", pa.array([self.teacher_name] * good.num_rows, pa.string()))
+        if self.domain:
+            good = good.append_column("domain", rows["domain"].cast(pa.string()))
         if self.tokenizer is not None and good.num_rows:
             good = good.set_column(good.schema.get_field_index("response"), "response", pa.array(response_texts(good, self.tokenizer), pa.string()))
         if self.id_order is None and good.num_rows:
@@ -314,25 +320,17 @@ def max_prompt_tokens(data: DataSpec, teacher: TeacherSpec, teacher_pass: Teache
     return int(max_len) - (teacher_pass.sampling.max_tokens if teacher_pass.mode == "generate" else 1)
 
 
-def run_teacher_stage(data: DataSpec, teacher: TeacherSpec, teacher_pass: TeacherPassSpec, teacher_path: str, signals_dir: str) -> dict:
-    """Write ``signals_dir`` (shards, metadata, rejected rows) for the corpus; return the stage outputs."""
-    from transformers import AutoTokenizer
-
-    from raydistill.data.corpus import duplicate_ids, prepare_requests
-    from raydistill.data.signals import tokenizer_fingerprint
+def check_unique_ids(data: DataSpec) -> None:
+    from raydistill.data.corpus import duplicate_ids
 
     repeated = duplicate_ids(data, _FIRST_BAD_ROWS_SHOWN)
     if repeated:
         lines = "\n".join(f"  {i!r} at {', '.join(where)}" for i, where in repeated)
         raise BadRowsError(f"corpus ids must be unique (data.id_field {data.id_field!r}); repeated (first {len(repeated)}):\n{lines}")
 
-    meta = _meta(teacher, teacher_pass, teacher_path, tokenizer_fingerprint(AutoTokenizer.from_pretrained(teacher_path)))
-    done = _prepare_signals_dir(signals_dir, meta)
-    if done:
-        print(f"[teacher] resuming: {len(done)} rows already in {signals_dir}", flush=True)
-    requests = prepare_requests(data, teacher_pass, teacher_path, max_prompt_tokens(data, teacher, teacher_pass, teacher_path))
-    parts = str(Path(signals_dir) / _REJECTED_PARTS)
 
+def good_requests(requests, data: DataSpec, signals_dir: str):
+    """The requests without bad rows: those are listed (``on_bad_row: reject``) or stop the pass before any engine starts (``fail``)."""
     if data.on_bad_row == "fail":
         # A pass over the corpus before any engine starts (cheap: no teacher), so nothing reaches
         # the engines when a row is bad.
@@ -340,43 +338,76 @@ def run_teacher_stage(data: DataSpec, teacher: TeacherSpec, teacher_pass: Teache
         if first:
             lines = "\n".join(f"  {r['source']}: {r['reject']}" for r in first)
             raise BadRowsError(f"data.on_bad_row=fail and the corpus has bad rows (first {len(first)}):\n{lines}")
-        good = requests.filter(lambda r: r["reject"] == "")
-    else:
-        # Bad rows leave the stream as it flows to the engines: one pass over the corpus.
-        good = requests.map_batches(_drop_bad_rows, fn_args=(parts,), batch_format="pyarrow")
+        return requests.filter(lambda r: r["reject"] == "")
+    # Bad rows leave the stream as it flows to the engines: one pass over the corpus.
+    return requests.map_batches(_drop_bad_rows, fn_args=(str(Path(signals_dir) / _REJECTED_PARTS),), batch_format="pyarrow")
 
+
+def signal_pass(good, teacher: TeacherSpec, teacher_pass: TeacherPassSpec, teacher_path: str, signals_dir: str, done: set[str],
+                teacher_name: str | None = None, domain: bool = False) -> dict:
+    """Run ``good`` requests (minus the ids in ``done``) through the teacher's engine pool into shards of ``signals_dir``;
+    return what the engines reported. ``teacher_name``: the rows get a ``teacher`` column (routing: domain); ``domain``:
+    they keep their ``domain`` (``data.domain_field`` is set)."""
     s = teacher_pass.sampling
     todo = (
         good.flat_map(lambda r: [x for x in _expand_samples(r, s.n if teacher_pass.mode == "generate" else 1) if x["id"] not in done])
         # One engine batch per block, streamed to the engines as it is ready.
         .repartition(target_num_rows_per_block=teacher.batch_size)
     )
-    engines_dir = Path(signals_dir) / _ENGINES
+    engines_dir = Path(signals_dir) / (_ENGINES if teacher_name is None else f"{_ENGINES}-{teacher_name}")
     shutil.rmtree(engines_dir, ignore_errors=True)
     signals = teacher_signals(todo, teacher, teacher_pass, teacher_path, str(engines_dir))
     # batch_size=None: one engine output block at a time. Finished batches are gathered into shards
     # of ~shard_rows rows as they arrive; complete shards are what a re-run after an interruption keeps.
     decode_with = teacher_path if needs_response_text(sampling_params(teacher_pass), teacher_pass.mode) else None
-    signals.map_batches(_RejectSink, fn_constructor_args=(parts, signals_dir, decode_with), batch_format="pyarrow", batch_size=None, concurrency=1, num_cpus=0.25).write_parquet(
-        signals_dir, min_rows_per_file=teacher_pass.shard_rows, **PARQUET_WRITE_ARGS
-    )
+    parts = str(Path(signals_dir) / _REJECTED_PARTS)
+    signals.map_batches(_RejectSink, fn_constructor_args=(parts, signals_dir, decode_with, teacher_name, domain), batch_format="pyarrow", batch_size=None,
+                        concurrency=1, num_cpus=0.25).write_parquet(signals_dir, min_rows_per_file=teacher_pass.shard_rows, **PARQUET_WRITE_ARGS)
+    return _engine_record(engines_dir)
 
-    engines = _engine_record(engines_dir)
+
+def finish_pass(signals_dir: str, engines: list[dict], done: set[str]) -> dict:
+    """Merge the rejected rows, fail if engines died for good, check the ids; return the stage outputs."""
     rejected = _merge_rejects(signals_dir)
-    if engines.get("died_rows"):
-        raise RuntimeError(f"the teacher's vLLM engines died repeatedly and {engines['died_rows']} rows could not be scored (listed in "
-                           f"{Path(signals_dir) / REJECTED_FILE}). {engines['hint']} Rows already written are kept; a re-run resumes.")
-    # The top-level shards only: on_policy/ below holds training's rollouts, not this pass's rows.
+    died = sum(e.get("died_rows", 0) for e in engines)
+    if died:
+        hint = next(e["hint"] for e in engines if e.get("died_rows"))
+        raise RuntimeError(f"the teacher's vLLM engines died repeatedly and {died} rows could not be scored (listed in "
+                           f"{Path(signals_dir) / REJECTED_FILE}). {hint} Rows already written are kept; a re-run resumes.")
+    # The top-level shards only: on_policy/ and teachers/ below hold other signals than this pass's rows.
     files = sorted(str(f) for f in Path(signals_dir).glob("*.parquet"))
     table = pq.ParquetDataset(files).read(columns=["id", "split"]) if files else pa.table({"id": pa.array([], pa.string()), "split": pa.array([], pa.string())})
     ids = table["id"].to_pylist()
     if len(ids) != len(set(ids)):
         raise RuntimeError(f"{signals_dir} holds duplicate ids; delete it and re-run the teacher stage")
     splits = table["split"].to_pylist()
+    dtypes = [e["dtype"] for e in engines if e.get("dtype")]
     out = {"signals_dir": signals_dir, "rows": len(ids), "train_rows": splits.count("train"), "eval_rows": splits.count("eval"),
-           "rejected_rows": rejected, "resumed_rows": len(done), "engine_dtype": engines.get("dtype")}
+           "rejected_rows": rejected, "resumed_rows": len(done), "engine_dtype": dtypes[0] if dtypes else None}
     print(f"[teacher] {out['rows']} signal rows ({out['eval_rows']} held out) in {signals_dir}; {rejected} rejected", flush=True)
     return out
+
+
+def teacher_fingerprint(teacher_path: str) -> str:
+    from transformers import AutoTokenizer
+
+    from raydistill.data.signals import tokenizer_fingerprint
+
+    return tokenizer_fingerprint(AutoTokenizer.from_pretrained(teacher_path))
+
+
+def run_teacher_stage(data: DataSpec, teacher: TeacherSpec, teacher_pass: TeacherPassSpec, teacher_path: str, signals_dir: str) -> dict:
+    """Write ``signals_dir`` (shards, metadata, rejected rows) for the corpus; return the stage outputs."""
+    from raydistill.data.corpus import prepare_requests
+
+    check_unique_ids(data)
+    done = _prepare_signals_dir(signals_dir, _meta(teacher, teacher_pass, teacher_path, teacher_fingerprint(teacher_path)))
+    if done:
+        print(f"[teacher] resuming: {len(done)} rows already in {signals_dir}", flush=True)
+    requests = prepare_requests(data, teacher_pass, teacher_path, max_prompt_tokens(data, teacher, teacher_pass, teacher_path))
+    engines = signal_pass(good_requests(requests, data, signals_dir), teacher, teacher_pass, teacher_path, signals_dir, done,
+                          domain=data.domain_field is not None)
+    return finish_pass(signals_dir, [engines], done)
 
 
 def _engine_record(engines_dir: Path) -> dict:
