@@ -40,6 +40,35 @@ def run_cli():
     return _run_cli
 
 
+def _kill_when(cmd: list[str], ready, what: str, timeout: float) -> None:
+    """Start ``cmd`` (a ``raydistill run``) in its own session, SIGKILL it once ``ready()`` is true, and take down what
+    it left (its local Ray and engine processes). Fails if the run ends first or ``ready()`` stays false for ``timeout`` s."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline and not ready():
+            assert proc.poll() is None, f"the run ended before {what}"
+            time.sleep(0.2)
+        assert ready(), f"not {what} within {timeout:.0f} s"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        time.sleep(2)
+
+
+@pytest.fixture(scope="session")
+def kill_when():
+    """``kill_when(cmd, ready, what, timeout)``: run ``cmd`` and SIGKILL it (and its process group) once ``ready()``."""
+    return _kill_when
+
+
 # The overrides of configs/tiny.yaml that the shared run uses: the report's vLLM generation on (so
 # the eval checks see speed, side-by-side answers and the student's own samples) and a short training.
 TINY_RUN_OVERRIDES = ["eval.measure_speed=true", "eval.side_by_side=2", "eval.speed_prompts=4", "eval.own_samples=4",

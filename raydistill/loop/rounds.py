@@ -187,7 +187,7 @@ def run_loop(spec: JobSpec, run: RunDir, train_round) -> dict:
             record.update(gaps={d: g["kl"] for d, g in gaps.items()}, gap_detail=gaps, weights=weights, rows=chosen["rows"],
                           rows_by_domain=chosen["rows_by_domain"])
             out = _step(manifest, "train", lambda: train_round(rr, student, False))
-            print(f"[loop] round {r}: gaps " + ", ".join(f"{d} {g['kl']:.3f}" for d, g in sorted(gaps.items()))
+            print(f"[train] loop round {r}: gaps " + ", ".join(f"{d} {g['kl']:.3f}" for d, g in sorted(gaps.items()))
                   + "; weights " + ", ".join(f"{d} {w:.2f}" for d, w in sorted(weights.items())), flush=True)
         student = out["student_dir"]
         history.append(record)

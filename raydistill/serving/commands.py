@@ -118,7 +118,7 @@ def detached(models: list[Served], serve: ServeSpec, key: str | None, address: s
     })
     ray.shutdown()  # disconnects; Serve keeps the app running on the cluster
     _announce(models, serve, base)
-    print(f"Detached. Check it with `raydistill serve --status`, remove it with `raydistill serve --stop`"
+    print("Detached. Check it with `raydistill serve --status`, remove it with `raydistill serve --stop`"
           + ("" if head is None else f" (which also stops the local head at {address})") + ".", flush=True)
     return 0
 

@@ -1,11 +1,8 @@
 """The teacher pass on the tiny teacher with the real vLLM: both modes, inputs, bad rows, resume."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -172,7 +169,7 @@ def test_generate_chat_messages_with_system_prompt_and_n_samples(ray_local, tiny
         assert len(row["input_ids"]) - row["target_start"] <= 6
 
 
-def test_killed_teacher_pass_resumes_without_loss(tiny_spec, tmp_path, free_port):
+def test_killed_teacher_pass_resumes_without_loss(tiny_spec, tmp_path, free_port, kill_when):
     """SIGKILL the driver once shards exist; the re-run completes every id exactly once."""
     corpus = tmp_path / "prompts.jsonl"
     corpus.write_text("".join(json.dumps({"id": f"p{i:03d}", "prompt": f"Tell me about the river number {i}."}) + "\n" for i in range(96)))
@@ -187,22 +184,7 @@ def test_killed_teacher_pass_resumes_without_loss(tiny_spec, tmp_path, free_port
     signals = tmp_path / "run" / "signals"
     cmd = [str(Path(sys.executable).parent / "raydistill"), "run", str(spec_path), "--stages", "teacher"]
 
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 600
-        while time.time() < deadline and len(list(signals.glob("*.parquet"))) < 2:
-            assert proc.poll() is None, "teacher pass ended before it could be killed"
-            time.sleep(0.5)
-        assert len(list(signals.glob("*.parquet"))) >= 2, "no shards written within 10 minutes"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        # The driver is dead; take down what it left (its local Ray and engine processes).
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        time.sleep(2)
+    kill_when(cmd, lambda: len(list(signals.glob("*.parquet"))) >= 2, "two shards were written", 600)
 
     # The kept shards' ids are stored renumbered; the re-run must decode and write with the same order.
     id_order = read_signal_meta(signals)["topk_id_order"]
