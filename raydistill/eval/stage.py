@@ -213,7 +213,7 @@ def run_eval_stage(
         flush=True,
     )
     for domain, g in report.get("by_domain", {}).items():
-        print(f"[eval] domain {domain} (teacher {g['teacher']}): {g['eval_sequences']} sequences, KL {g['kl_to_teacher']:.3f}, "
+        print(f"[eval] domain {domain}" + (f" (teacher {g['teacher']})" if g["teacher"] else "") + f": {g['eval_sequences']} sequences, KL {g['kl_to_teacher']:.3f}, "
               f"top-1 agreement {g['top1_agreement']:.1%}, student NLL {g['student_nll']:.3f}", flush=True)
     for name, kl in report.get("kl_by_teacher", {}).items():
         print(f"[eval] KL to teacher {name}: {kl:.3f} (to the mixture: {report['kl_to_teacher']:.3f})", flush=True)
