@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from pathlib import Path
 
 import yaml
@@ -24,8 +25,24 @@ def _print_errors(err: SpecError) -> int:
 
 def cmd_validate(args) -> int:
     spec = load_spec(args.spec, args.set)
+    if spec.teachers is not None:
+        _validate_teachers(spec)
     print(f"{args.spec}: valid (run_dir {spec.runtime.run_dir})")
     return 0
+
+
+def _validate_teachers(spec: JobSpec) -> None:
+    """What the spec alone cannot show about several teachers: their tokenizers, and the corpus's domains."""
+    from raydistill.models import resolve_model
+    from raydistill.teacher.multi import corpus_domain_errors, student_tokenizer_errors
+
+    paths = [resolve_model(t.model) for t in spec.teachers]
+    student = resolve_model(spec.student.model) if spec.student.model else None
+    errors = student_tokenizer_errors(spec.teachers, paths, student)
+    if spec.teacher_pass.routing == "domain":
+        errors += corpus_domain_errors(spec.data, spec.teachers)
+    if errors:
+        raise SpecError(errors)
 
 
 def _parse_stages(text: str | None) -> list[str]:
@@ -55,12 +72,23 @@ def _run_spec(args) -> JobSpec:
 
 
 def cmd_run(args) -> int:
-    from raydistill.jobs.pipeline import run_pipeline
+    from raydistill.jobs.console import held_output
+    from raydistill.jobs.pipeline import failed_stage, run_pipeline
 
-    spec = _run_spec(args)
-    stages = _parse_stages(args.stages) if args.stages else None
-    force = tuple(_parse_stages(args.force)) if args.force else ()
-    manifest = run_pipeline(spec, stages, force=force, dry_run=args.dry_run)
+    quiet = not (args.verbose or args.dry_run)
+    with held_output(enabled=quiet) as held:  # until RUN/logs/driver.log is known
+        spec = _run_spec(args)
+        stages = _parse_stages(args.stages) if args.stages else None
+        force = tuple(_parse_stages(args.force)) if args.force else ()
+    try:
+        manifest = run_pipeline(spec, stages, force=force, dry_run=args.dry_run,
+                                console=None if args.dry_run else "verbose" if args.verbose else "quiet", preamble=held.text)
+    except Exception as err:
+        if args.verbose or not failed_stage(err):
+            raise
+        # The driver-side traceback is in RUN/logs/driver.log (the note says where); the error itself is shown whole.
+        print("error: " + "".join(traceback.format_exception_only(type(err), err)).rstrip(), file=sys.stderr)
+        return 1
     if args.dry_run:
         return 0
     run_dir = Path(spec.runtime.run_dir)
@@ -228,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", help=f"comma-separated subset of {','.join(STAGES)}; others whose inputs changed are marked stale")
     p.add_argument("--force", help="comma-separated stages to run again even though their inputs did not change (and what reads them)")
     p.add_argument("--dry-run", action="store_true", help="print which stages would run and why; change nothing")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show the vLLM engines', Ray's and Ray Data's logs on the console (by default they go to RUN/logs/)")
     p.set_defaults(func=cmd_run)
 
     p = with_set(sub.add_parser("eval", help="re-score a finished run and regenerate RUN/eval/"))

@@ -759,14 +759,18 @@ class JobSpec(_Section):
                 errors.append("distill.mode: on_policy scores the rollouts with one teacher; with several (teachers:) use offline")
         elif self.teacher is None:
             errors.append("teacher: required section is missing (or give teachers:)")
+        elif self.teacher_pass.routing is not None:
+            errors.append("teacher_pass.routing: only used with several teachers (teachers:)")
         if self.loop is not None and self.loop.rounds > 1:
             if "ddk" in self.loop.policies and self.data.domain_field is None:
                 errors.append("data.domain_field: required with loop.policy ddk (it re-weights domains)")
             if self.distill.mode == "on_policy":
                 errors.append("loop.rounds: the loop trains offline; distill.mode on_policy takes loop.rounds: 1")
-        elif self.teacher_pass.routing is not None:
-            errors.append("teacher_pass.routing: only used with several teachers (teachers:)")
-        for key, teacher in [("teacher", self.teacher)] if self.teachers is None and self.teacher else [] if self.teachers is None else [(f"teachers[{i}]", t) for i, t in enumerate(self.teachers)]:
+        if self.teachers is not None:
+            checked = [(f"teachers[{i}]", t) for i, t in enumerate(self.teachers)]
+        else:
+            checked = [("teacher", self.teacher)] if self.teacher is not None else []
+        for key, teacher in checked:
             max_logprobs = teacher.engine_args.get("max_logprobs")
             if max_logprobs is not None and self.teacher_pass.top_k > int(max_logprobs):
                 errors.append(f"teacher_pass.top_k: {self.teacher_pass.top_k} exceeds {key}.engine_args.max_logprobs ({max_logprobs})")

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -348,11 +349,14 @@ class MetricsLog:
         if "train_s" in record:  # on-policy: the seconds of each phase of this step
             phases = (f" | {record['rollouts']} rollouts (policy v{record['policy_version']})" if record["rollouts"] else " | offline") + \
                 "".join(f" {p[:-2]} {record[p]:.1f}s" for p in ("rollout_s", "score_s", "train_s", "sync_s"))
-        print(
+        # Written, not print()ed: Ray Train patches print() in its workers to log each line as well as
+        # print it, and with log_to_driver the step then reached the console twice (once from stdout, once
+        # from the root logger's stderr handler). The driver's progress line reads progress.jsonl instead.
+        sys.stdout.write(
             f"[train] step {record['step']}/{self.total} loss {record['loss']:.4f} (kd {record['kd']:.4f}, ce {record['ce']:.4f}) "
-            f"lr {record['lr']:.2e} grad_norm {'-' if gn is None else f'{gn:.3f}'} {record['tokens_per_s']:.0f} tok/s{phases}",
-            flush=True,
+            f"lr {record['lr']:.2e} grad_norm {'-' if gn is None else f'{gn:.3f}'} {record['tokens_per_s']:.0f} tok/s{phases}\n"
         )
+        sys.stdout.flush()
 
     def close(self) -> None:
         if self.progress:

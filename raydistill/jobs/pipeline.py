@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,8 @@ from raydistill.spec import JobSpec, dump_spec
 from raydistill.fileio import write_atomic
 
 
-def init_ray(runtime) -> None:
+def init_ray(runtime, log_to_driver: bool = True) -> None:
+    """``log_to_driver=False``: the actors' and workers' output (vLLM engines, Ray Train) stays in Ray's session logs."""
     import ray
 
     if ray.is_initialized():
@@ -32,11 +34,44 @@ def init_ray(runtime) -> None:
     # Inside a Ray Job (or with RAY_ADDRESS exported) there is a cluster to join already.
     address = runtime.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, runtime_env=env)
+        ray.init(address=address, runtime_env=env, log_to_driver=log_to_driver)
     else:
         # More logical CPUs than cores on purpose: Serve's proxy and ingress, Data's actors and
         # Train's workers each reserve one, and mostly wait.
-        ray.init(num_cpus=runtime.num_cpus, runtime_env=env)
+        ray.init(num_cpus=runtime.num_cpus, runtime_env=env, log_to_driver=log_to_driver)
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's progress bars (on a non-terminal: a status block per operator every 10 s) give way to raydistill's progress line."""
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+
+
+def collect_ray_logs(logs_dir: Path) -> Path | None:
+    """Copy this Ray session's logs (engine actors, Train workers, Data, Serve; this node's) into ``logs_dir/ray``.
+
+    A copy, not a link: Ray deletes old session directories, and a run directory should outlive them.
+    """
+    import ray
+
+    try:
+        source = Path(ray._private.worker._global_node.get_logs_dir_path())  # no public API names the session's log dir
+    except Exception:
+        return None
+    target = logs_dir / "ray"
+
+    def copy(src, dst):
+        try:
+            shutil.copy2(src, dst)
+        except OSError:  # sockets, or files rotated away while copying
+            pass
+
+    try:
+        shutil.copytree(source, target, copy_function=copy, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.sock"))
+    except (shutil.Error, OSError):
+        pass
+    return target
 
 
 def _versions() -> dict:
@@ -112,10 +147,10 @@ def plan(spec: JobSpec, manifest: dict, ctx: StageContext, selected: list[str] |
     return steps
 
 
-def print_plan(steps: list[Step], run: RunDir) -> None:
-    print(f"==> plan for {run.root}", flush=True)
+def print_plan(steps: list[Step], run: RunDir, line=print) -> None:
+    line(f"==> plan for {run.root}")
     for s in steps:
-        print(f"  {s.stage.name:12s} {s.action:12s} {s.reason}", flush=True)
+        line(f"  {s.stage.name:12s} {s.action:12s} {s.reason}")
 
 
 def _context(spec: JobSpec, run: RunDir) -> StageContext:
@@ -126,47 +161,89 @@ def _context(spec: JobSpec, run: RunDir) -> StageContext:
     return StageContext(spec, run, resolve_model(spec.teacher.model), student_path)
 
 
-def run_pipeline(spec: JobSpec, stages: list[str] | None = None, force: tuple[str, ...] = (), dry_run: bool = False) -> dict:
+def run_pipeline(spec: JobSpec, stages: list[str] | None = None, force: tuple[str, ...] = (), dry_run: bool = False,
+                 console: str | None = None, preamble: str = "") -> dict:
     """Run the stages whose inputs changed since they last succeeded (and those in ``force``); with ``dry_run``, only print the plan.
 
     ``stages`` limits the run to those stages; others whose inputs changed are marked stale.
+    ``console``: None prints as the libraries do; 'quiet' shows raydistill's lines and a progress line per stage
+    and sends everything else to RUN/logs/; 'verbose' shows everything, with plain progress lines
+    (``raydistill.jobs.console``). ``preamble``: output held back before the run directory was known.
     """
     run = RunDir.of(spec.runtime.run_dir)
-    ctx = _context(spec, run)
     if dry_run:
+        ctx = _context(spec, run)
         steps = plan(spec, Manifest(run.root).data if run.manifest.exists() else {"stages": {}}, ctx, stages, force)
         print_plan(steps, run)
         return {"plan": [{"stage": s.stage.name, "action": s.action, "reason": s.reason} for s in steps]}
 
     run.root.mkdir(parents=True, exist_ok=True)
     # The lock first, then the plan: it must be made from the manifest as no other run can change it.
-    with run_lock(run):
+    with run_lock(run), _console(run, console, preamble) as session:
+        # Resolving the models imports torch and transformers, which print as they load: inside the console's capture.
+        ctx = _context(spec, run)
         manifest = Manifest(run.root)
         steps = plan(spec, manifest.data, ctx, stages, force)
-        print_plan(steps, run)
-        write_atomic(run.spec, dump_spec(spec))
-        models = {"teacher": ctx.teacher_path, "student_init": ctx.student_path or f"{spec.student.init} of the teacher"}
-        builtin_note = Path(ctx.teacher_path) / "raydistill_builtin.json"
-        if builtin_note.exists():  # how a builtin teacher was made (e.g. the Gemma GGUF conversion)
-            models["teacher_conversion"] = json.loads(builtin_note.read_text())
-        manifest.set_info("models", models)
-        manifest.set_info("versions", _versions())
-        for step in steps:
-            if step.action == "stale":
-                manifest.mark(step.stage.name, status="stale", stale_reason=f"inputs changed since it ran; run again with --stages {step.stage.name}")
-            elif step.action == "skip" and manifest.entry(step.stage.name).get("status") == "stale":
-                manifest.mark(step.stage.name, status="succeeded", stale_reason=None)  # the spec is back to what it ran with
-        to_run = [s for s in steps if s.action == "run"]
-        if to_run:
-            init_ray(spec.runtime)
-        for step in to_run:
-            _run_step(step, ctx, manifest)
+        print_plan(steps, run, session.console.line if session is not None else print)
+        return _run_plan(spec, steps, ctx, manifest, session)
+
+
+def _console(run: RunDir, console: str | None, preamble: str = ""):
+    from raydistill.jobs.console import quiet_driver
+
+    if console is None:
+        if preamble:
+            print(preamble, end="")
+        return nullcontext(None)
+    return quiet_driver(logs_dir(run), verbose=console == "verbose", preamble=preamble)
+
+
+def logs_dir(run: RunDir) -> Path:
+    return run.root / "logs"
+
+
+def _run_plan(spec: JobSpec, steps: list[Step], ctx: StageContext, manifest: Manifest, session) -> dict:
+    run = ctx.run
+    write_atomic(run.spec, dump_spec(spec))
+    models = {"teacher": ctx.teacher_path, "student_init": ctx.student_path or f"{spec.student.init} of the teacher"}
+    builtin_note = Path(ctx.teacher_path) / "raydistill_builtin.json"
+    if builtin_note.exists():  # how a builtin teacher was made (e.g. the Gemma GGUF conversion)
+        models["teacher_conversion"] = json.loads(builtin_note.read_text())
+    manifest.set_info("models", models)
+    manifest.set_info("versions", _versions())
+    for step in steps:
+        if step.action == "stale":
+            manifest.mark(step.stage.name, status="stale", stale_reason=f"inputs changed since it ran; run again with --stages {step.stage.name}")
+        elif step.action == "skip" and manifest.entry(step.stage.name).get("status") == "stale":
+            manifest.mark(step.stage.name, status="succeeded", stale_reason=None)  # the spec is back to what it ran with
+    to_run = [s for s in steps if s.action == "run"]
+    if not to_run:
         return manifest.data
+    if session is not None and not session.verbose:
+        print(f"==> logs: vLLM, Ray, Ray Data and the workers write to {session.logs_dir}/ (driver.log, ray/); "
+              "raydistill run -v shows them here", flush=True)
+    init_ray(spec.runtime, log_to_driver=session is None or session.verbose)
+    if session is not None and not session.verbose:
+        quiet_ray_data()
+    try:
+        for step in to_run:
+            _run_step(step, ctx, manifest, session)
+    finally:
+        if session is not None:
+            collect_ray_logs(session.logs_dir)
+    return manifest.data
 
 
-def _run_step(step: Step, ctx: StageContext, manifest: Manifest) -> None:
-    import shutil
+# The note a stage's error carries: ``raydistill run`` then prints it without the driver-side traceback.
+STAGE_FAILED = "raydistill: the {stage} stage failed"
 
+
+def failed_stage(err: BaseException) -> bool:
+    """Whether ``err`` is a stage's error, with the note naming the stage and its logs."""
+    return any(n.startswith(STAGE_FAILED.split("{")[0]) for n in getattr(err, "__notes__", ()))
+
+
+def _run_step(step: Step, ctx: StageContext, manifest: Manifest, session=None) -> None:
     name, prev = step.stage.name, manifest.entry(step.stage.name)
     if prev and (prev.get("fingerprint") != step.fingerprint or step.reason == "forced"):
         # Outputs of other inputs must not be resumed from (a teacher pass on another corpus,
@@ -176,10 +253,60 @@ def _run_step(step: Step, ctx: StageContext, manifest: Manifest) -> None:
                 print(f"==> [{name}] clearing {path} ({step.reason})", flush=True)
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
     print(f"==> [{name}] starting ({time.strftime('%H:%M:%S')}): {step.reason}", flush=True)
-    with manifest.stage(name, fingerprint=step.fingerprint, inputs=step.inputs, spec=step.fields, output_id=step.output_id,
-                        runs=prev.get("runs", 0) + 1) as out:
-        out.update(step.stage.run(ctx))
+    try:
+        with manifest.stage(name, fingerprint=step.fingerprint, inputs=step.inputs, spec=step.fields, output_id=step.output_id,
+                            runs=prev.get("runs", 0) + 1) as out, _watch(name, ctx, session):
+            out.update(step.stage.run(ctx))
+    except Exception as err:
+        print(f"==> [{name}] failed after {manifest.entry(name).get('seconds')}s", flush=True)
+        if session is not None:
+            ray_logs = f"{session.logs_dir / 'ray'}/ (engines and workers)"
+            where = ray_logs if session.verbose else f"{session.driver_log} (this process, with the full traceback) and {ray_logs}"
+            err.add_note(f"{STAGE_FAILED.format(stage=name)}; read {where}")
+        raise
     print(f"==> [{name}] succeeded in {manifest.entry(name)['seconds']}s", flush=True)
+
+
+def _watch(name: str, ctx: StageContext, session):
+    """The stage's live progress line: rows of the teacher pass, steps of training, elapsed time otherwise.
+
+    Keyed by name because the table of stages (``raydistill.jobs.stages``) has no field for it yet.
+    """
+    from raydistill.jobs import console as c
+
+    if session is None:
+        return nullcontext()
+    spec, run = ctx.spec, ctx.run
+    if name == "teacher":
+        per_row = spec.teacher_pass.sampling.n if spec.teacher_pass.mode == "generate" else 1
+
+        def total() -> int | None:
+            rows = c.corpus_rows_hint(spec.data.path, spec.data.format)
+            return rows * per_row if rows else None
+
+        sample = c.TeacherShards(run.signals, total)
+    elif name == "train" and spec.loop is not None and spec.loop.rounds > 1:
+        sample = c.RoundsTrainLog(run.rounds, spec.loop.rounds, lambda: spec.train.max_steps)
+    elif name == "train":
+        sample = c.TrainLog(run.train / "progress.jsonl", lambda: _train_steps(spec, run))
+    else:
+        return c.ProgressWatcher(session.console, lambda elapsed: c.Heartbeat(name, elapsed))
+    return c.ProgressWatcher(session.console, sample, final=name == "train")
+
+
+def _train_steps(spec: JobSpec, run: RunDir) -> int | None:
+    """The step count the train stage computes (``total_steps``), for the progress line."""
+    from raydistill.distill.train import total_steps
+
+    if spec.train.max_steps is not None:
+        return spec.train.max_steps
+    from raydistill.data.signals import load_signals
+
+    try:
+        n_rows = load_signals(run.signals, columns=["split"])["split"].to_pylist().count("train")
+    except (OSError, ValueError, KeyError):
+        return None
+    return total_steps(spec.train, n_rows)
 
 
 class RunDirBusy(RuntimeError):

@@ -104,3 +104,27 @@ def test_unset_optional_keys_leave_fingerprints_as_they_were():
     new = {"data": {"path": "x", "eval_fraction": 0.1, "domain_field": None}, "teacher": {"model": "m"}, "teachers": None}
     reads = ("teacher.model", "teachers", "data")
     assert spec_fields(new, reads) == spec_fields(old, reads) == {"teacher.model": "m", "data.path": "x", "data.eval_fraction": 0.1}
+
+
+def test_teachers_must_share_the_students_tokenizer(tmp_path):
+    """What ``validate`` adds to the spec's checks for several teachers: each teacher's tokenizer against the student's."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from raydistill.models import resolve_model
+    from raydistill.spec import TeacherEntry
+    from raydistill.teacher.multi import check_shared_tokenizer, student_tokenizer_errors
+
+    teacher, student = resolve_model("tiny:teacher"), resolve_model("tiny:student")
+    other = tmp_path / "other"
+    shutil.copytree(teacher, other)
+    tok = AutoTokenizer.from_pretrained(other)
+    tok.add_tokens(["<a-token-the-student-lacks>"])
+    tok.save_pretrained(other)
+    teachers = [TeacherEntry(name="one", model="tiny:teacher"), TeacherEntry(name="two", model=str(other))]
+    assert student_tokenizer_errors(teachers, [teacher, str(other)], student) == [
+        f"teachers[1].model: {other} ('two') does not share the student's tokenizer (fingerprint differs)"]
+    assert student_tokenizer_errors(teachers[:1], [teacher], None) == []  # pruned from the first teacher: its tokenizer
+    with pytest.raises(ValueError, match=r"teachers\[1\] \('two'"):
+        check_shared_tokenizer(teachers, [teacher, str(other)])
