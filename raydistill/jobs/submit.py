@@ -293,6 +293,9 @@ def cluster_errors(spec: JobSpec, shipped_relative: set[str]) -> list[str]:
             f"node mounts at this same path (NFS, EFS, a KubeRay PVC) and set runtime.shared_storage=true"
         )
     values = {"data.path": spec.data.path, "teacher.model": spec.teacher.model, "student.model": spec.student.model}
+    if spec.teachers is not None:  # teacher: is the first of them
+        values.pop("teacher.model")
+        values.update({f"teachers[{i}].model": t.model for i, t in enumerate(spec.teachers)})
     for key, value in values.items():
         if key not in shipped_relative and _is_local(value):
             errors.append(

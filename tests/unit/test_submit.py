@@ -371,3 +371,18 @@ def test_a_loopback_address_accepts_local_paths_and_says_so(tmp_path):
     # A local path that does not exist is an error at once: this machine is the cluster.
     with pytest.raises(SpecError, match="data.path"):
         prepare_submission(spec, [f"data.path={tmp_path / 'missing.jsonl'}"], "http://127.0.0.1:8265")
+
+
+def test_several_teachers_local_models_are_named_for_a_cluster(tmp_path):
+    from raydistill.jobs.submit import cluster_errors
+    from raydistill.spec import spec_from_dict
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"prompt": "hi"}\n')
+    local = tmp_path / "my-teacher"
+    local.mkdir()
+    spec = spec_from_dict({"teachers": [{"name": "a", "model": "tiny:teacher"}, {"name": "b", "model": str(local)}],
+                           "student": {"model": "s3://bucket/student"}, "data": {"path": "s3://bucket/c.jsonl"},
+                           "teacher_pass": {"routing": "ensemble"}, "runtime": {"run_dir": str(tmp_path / "run")}})
+    errors = cluster_errors(spec, set())
+    assert [e.split(":")[0] for e in errors] == ["runtime.run_dir", "teachers[1].model"]  # the builtin tiny:teacher is built on the node
