@@ -184,7 +184,7 @@ def run_eval_stage(
     # With several teachers, ``teacher_path`` (the teacher model teacher_nll uses) is the first teacher.
     if "domain" in labels:
         report["by_domain"] = summarize_groups(batches)
-    elif routing == "ensemble":
+    if routing == "ensemble":
         report["kl_by_teacher"] = kl_by_teacher(eval_spec, max_seq_len, student_path, signals_dir, [t["name"] for t in meta["teachers"]])
     report["student_dir"], report["teacher_dir"] = student_path, teacher_path
     report["student"].update(model_size(student_path))

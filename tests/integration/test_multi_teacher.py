@@ -77,6 +77,7 @@ def test_ensemble_killed_rerun_trained_and_evaluated(tmp_path, free_port, kill_w
     assert set(report["kl_by_teacher"]) == {"writer", "reasoner"}
     assert all(np.isfinite(v) and v > 0 for v in report["kl_by_teacher"].values())
     assert np.isfinite(report["kl_to_teacher"])
+    assert report["by_domain"] and set(report["by_domain"]) <= {"writing", "reasoning"}  # the corpus has data.domain_field: the mixture keeps each row's domain
     assert (run_dir / "student" / "config.json").exists()
     card = (run_dir / "student" / "README.md").read_text()
     assert "**Teachers, routing ensemble:** tiny:teacher (`writer`, weight 2); tiny:teacher2 (`reasoner`, weight 1)" in card
