@@ -4,21 +4,24 @@ and the student versus its teacher.
 Run from the repository root (it starts vLLM and Ray, so under the shared lock on our machines):
 
     .venv/bin/python benchmarks/serve.py --json out.json [--student tiny:student] [--teacher tiny:teacher]
-        [--requests 64] [--concurrency 8] [--max-tokens 32]
+        [--duration 30] [--repeats 3] [--concurrency 8] [--max-tokens 32]
 
 The same prompts, concurrency and sampling (greedy, ``ignore_eos`` so every request generates
 exactly ``--max-tokens`` tokens) go through:
 
-1. ``bare``: vLLM's ``AsyncLLMEngine`` in this process, ``--concurrency`` coroutines pulling from
-   one queue of ``--requests`` prompts;
+1. ``bare``: vLLM's ``AsyncLLMEngine`` in this process, ``--concurrency`` coroutines sending one
+   request after another;
 2. ``serve``: the app ``raydistill serve`` builds (API key on), serving the student and the
    teacher side by side on a local Ray, driven by the same number of ``openai.AsyncOpenAI``
    clients over loopback HTTP.
 
-Each phase is warmed with a few requests first; start-up is not timed. Reported per phase:
-completion tokens/s, requests/s, p50/p95 request latency. ``serve_over_bare_ratio`` is the
-student's tokens/s through Serve over bare; ``student_over_teacher_speedup`` is the student's
-tokens/s over the teacher's, both through Serve.
+Each phase is warmed first; start-up is not timed. Each path runs ``--repeats`` windows of
+``--duration`` seconds (the teacher through Serve: one). Reported per window: completion tokens/s,
+requests/s, p50/p95 request latency; per path the min and median tokens/s; and where the CPU went
+during the path's windows, by process (this process and its descendants only: the machine may be
+shared), with the CPU milliseconds per request. ``serve_over_bare_ratio`` is the student's median
+tokens/s through Serve over bare; ``student_over_teacher_speedup`` is the student's tokens/s over
+the teacher's, both through Serve.
 """
 
 from __future__ import annotations
@@ -60,32 +63,67 @@ def _summary(latencies: list[float], tokens: int, seconds: float) -> dict:
     }
 
 
-async def _drive(prompts: list[str], concurrency: int, one) -> dict:
-    """Run ``one(prompt) -> completion tokens`` over the prompts with ``concurrency`` workers."""
-    queue: asyncio.Queue = asyncio.Queue()
-    for p in prompts:
-        queue.put_nowait(p)
-    latencies, tokens = [], [0]
+async def _drive(prompts: list[str], concurrency: int, one, seconds: float | None = None) -> dict:
+    """Run ``one(prompt) -> completion tokens`` with ``concurrency`` workers: over ``prompts`` once, or, with
+    ``seconds``, cycling through them until that much time has passed (requests in flight then finish)."""
+    latencies, tokens, sent = [], [0], [0]
+    t0 = time.perf_counter()
+    stop = None if seconds is None else t0 + seconds
 
     async def worker():
         while True:
-            try:
-                p = queue.get_nowait()
-            except asyncio.QueueEmpty:
+            i = sent[0]
+            if (stop is None and i >= len(prompts)) or (stop is not None and time.perf_counter() >= stop):
                 return
-            t0 = time.perf_counter()
+            sent[0] += 1
+            start = time.perf_counter()
             # Await first: `tokens[0] += await ...` would read tokens[0] before the await and
             # lose the other workers' updates made meanwhile.
-            n = await one(p)
+            n = await one(prompts[i % len(prompts)])
             tokens[0] += n
-            latencies.append(time.perf_counter() - t0)
+            latencies.append(time.perf_counter() - start)
 
-    t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return _summary(latencies, tokens[0], time.perf_counter() - t0)
 
 
-def bench_bare(model: str, prompts: list[str], concurrency: int, max_tokens: int) -> dict:
+async def _windows(prompts: list[str], concurrency: int, one, seconds: float, repeats: int) -> dict:
+    """Warm up, then ``repeats`` timed windows; their figures, min/median tokens/s and the CPU by process over all of them."""
+    await _drive(prompts[: 2 * concurrency], concurrency, one)  # warm-up
+    before = cpu_by_process()
+    windows = [await _drive(prompts, concurrency, one, seconds) for _ in range(repeats)]
+    cpu = cpu_delta(before, cpu_by_process())
+    rates = sorted(w["tokens_per_s"] for w in windows)
+    n = sum(w["requests"] for w in windows)
+    return {"windows": windows, "min_tokens_per_s": rates[0], "median_tokens_per_s": statistics.median(rates),
+            "requests": n, "cpu_s_by_process": cpu, "cpu_ms_per_request": {k: round(1000 * v / n, 2) for k, v in cpu.items()}}
+
+
+def cpu_by_process() -> dict[int, tuple[float, str]]:
+    """CPU seconds so far of this process and each of its descendants (Ray's and vLLM's processes), with a short name."""
+    from teacher_pass import _proc, _title
+
+    table = {int(e): p for e in os.listdir("/proc") if e.isdigit() and (p := _proc(int(e)))}
+    mine, grew = {os.getpid()}, True
+    while grew:
+        more = {pid for pid, (ppid, _, _) in table.items() if ppid in mine} - mine
+        mine |= more
+        grew = bool(more)
+    names = {os.getpid(): "driver (clients or bare engine frontend)"}
+    return {pid: (table[pid][1], names.get(pid) or " ".join(_title(pid).split()[:1])[:60] or "?") for pid in mine if pid in table}
+
+
+def cpu_delta(before: dict, after: dict) -> dict[str, float]:
+    """CPU seconds spent between two ``cpu_by_process`` snapshots, summed by process name, largest first."""
+    out: dict[str, float] = {}
+    for pid, (cpu, name) in after.items():
+        spent = cpu - before.get(pid, (0.0, name))[0]
+        if spent > 0.005:
+            out[name] = out.get(name, 0.0) + spent
+    return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
+
+
+def bench_bare(model: str, prompts: list[str], concurrency: int, max_tokens: int, seconds: float, repeats: int) -> dict:
     from vllm import AsyncEngineArgs, AsyncLLMEngine, SamplingParams
 
     engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(model=model, **ENGINE_ARGS))
@@ -99,17 +137,13 @@ def bench_bare(model: str, prompts: list[str], concurrency: int, max_tokens: int
             final = out
         return len(final.outputs[0].token_ids)
 
-    async def run():
-        await _drive(prompts[: concurrency], concurrency, one)  # warm-up
-        return await _drive(prompts, concurrency, one)
-
     try:
-        return asyncio.run(run())
+        return asyncio.run(_windows(prompts, concurrency, one, seconds, repeats))
     finally:
         engine.shutdown()
 
 
-def bench_serve_model(base: str, model_id: str, prompts: list[str], concurrency: int, max_tokens: int) -> dict:
+def bench_serve_model(base: str, model_id: str, prompts: list[str], concurrency: int, max_tokens: int, seconds: float, repeats: int) -> dict:
     import openai
 
     async def run():
@@ -120,8 +154,7 @@ def bench_serve_model(base: str, model_id: str, prompts: list[str], concurrency:
                 model=model_id, prompt=prompt, max_tokens=max_tokens, temperature=0.0, extra_body={"ignore_eos": True})
             return out.usage.completion_tokens
 
-        await _drive(prompts[: concurrency], concurrency, one)  # warm-up
-        result = await _drive(prompts, concurrency, one)
+        result = await _windows(prompts, concurrency, one, seconds, repeats)
         await client.close()
         return result
 
@@ -139,7 +172,8 @@ def main() -> int:
     parser.add_argument("--json", required=True, help="write the figures here")
     parser.add_argument("--student", default="tiny:student", help="student model: a directory, a run's student/, or tiny:student")
     parser.add_argument("--teacher", default="tiny:teacher")
-    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds per timed window")
+    parser.add_argument("--repeats", type=int, default=3, help="timed windows per path (the teacher through Serve: one)")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--num-cpus", type=int, default=8, help="logical CPUs for the local Ray")
@@ -153,10 +187,10 @@ def main() -> int:
 
     assert CPU_KV_CACHE_GIB == os.environ["VLLM_CPU_KVCACHE_SPACE"], "both phases must give the engine the same KV cache"
     student, teacher = resolve_model(args.student), resolve_model(args.teacher)
-    prompts = _prompts(args.requests)
+    prompts = _prompts(1024)
 
-    print(f"[bare] {student}: {args.requests} requests, concurrency {args.concurrency}, {args.max_tokens} tokens each", flush=True)
-    bare = bench_bare(student, prompts, args.concurrency, args.max_tokens)
+    print(f"[bare] {student}: {args.repeats} x {args.duration:.0f} s, concurrency {args.concurrency}, {args.max_tokens} tokens each", flush=True)
+    bare = bench_bare(student, prompts, args.concurrency, args.max_tokens, args.duration, args.repeats)
     print(f"[bare] {bare}", flush=True)
 
     import ray
@@ -175,9 +209,9 @@ def main() -> int:
         base = deploy([Served("student", student), Served("teacher", teacher)], serve_spec, key_digest(KEY))
         startup = time.perf_counter() - t0
         print(f"[serve] app up in {startup:.0f}s at {base}", flush=True)
-        served_student = bench_serve_model(base, "student", prompts, args.concurrency, args.max_tokens)
+        served_student = bench_serve_model(base, "student", prompts, args.concurrency, args.max_tokens, args.duration, args.repeats)
         print(f"[serve] student {served_student}", flush=True)
-        served_teacher = bench_serve_model(base, "teacher", prompts, args.concurrency, args.max_tokens)
+        served_teacher = bench_serve_model(base, "teacher", prompts, args.concurrency, args.max_tokens, args.duration, 1)
         print(f"[serve] teacher {served_teacher}", flush=True)
     finally:
         ray_serve.shutdown()
@@ -187,17 +221,25 @@ def main() -> int:
 
     figures = {
         "student": args.student, "teacher": args.teacher,
-        "requests": args.requests, "concurrency": args.concurrency, "max_tokens": args.max_tokens,
+        "duration_s": args.duration, "repeats": args.repeats, "concurrency": args.concurrency, "max_tokens": args.max_tokens,
         "engine_args": ENGINE_ARGS,
         "bare_student": bare,
         "serve_student": served_student,
         "serve_teacher": served_teacher,
         "serve_startup_s": round(startup, 1),
-        "serve_over_bare_ratio": round(served_student["tokens_per_s"] / bare["tokens_per_s"], 3),
-        "student_over_teacher_speedup": round(served_student["tokens_per_s"] / served_teacher["tokens_per_s"], 3),
+        "serve_over_bare_ratio": round(served_student["median_tokens_per_s"] / bare["median_tokens_per_s"], 3),
+        "serve_over_bare_ratio_min": round(served_student["min_tokens_per_s"] / bare["min_tokens_per_s"], 3),
+        "student_over_teacher_speedup": round(served_student["median_tokens_per_s"] / served_teacher["median_tokens_per_s"], 3),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}, ray {ray.__version__}, vllm {vllm.__version__}",
     }
     Path(args.json).write_text(json.dumps(figures, indent=2))
+    print("\n| path | windows tokens/s | min | median | p50 latency (s) | requests |")
+    print("|---|---|---|---|---|---|")
+    for name, r in (("bare student", bare), ("serve student", served_student), ("serve teacher", served_teacher)):
+        print(f"| {name} | {', '.join(str(w['tokens_per_s']) for w in r['windows'])} | {r['min_tokens_per_s']} | {r['median_tokens_per_s']} | "
+              f"{statistics.median(w['p50_latency_s'] for w in r['windows'])} | {r['requests']} |")
+    for name, r in (("bare student", bare), ("serve student", served_student)):
+        print(f"\nCPU ms per request, {name}: " + ", ".join(f"{k} {v}" for k, v in r["cpu_ms_per_request"].items()))
     print(json.dumps({k: figures[k] for k in ("serve_over_bare_ratio", "student_over_teacher_speedup")}), flush=True)
     return 0
 
