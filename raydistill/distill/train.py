@@ -486,9 +486,12 @@ def calibration_sequences(signals_dir, rows: int) -> list[list[int]]:
     ``student.layers: auto`` measures the teacher's layers on."""
     from raydistill.data.signals import load_signals
 
-    table = load_signals(signals_dir, columns=["id", "split", "input_ids"])
-    train = sorted((i, ids) for i, s, ids in zip(table["id"].to_pylist(), table["split"].to_pylist(), table["input_ids"].to_pylist()) if s == "train")
-    return [ids for _, ids in train[:rows]]
+    table = load_signals(signals_dir, columns=["id", "split"])
+    chosen = sorted(i for i, s in zip(table["id"].to_pylist(), table["split"].to_pylist()) if s == "train")[:rows]
+    # The token ids of the chosen rows only: a filtered read, not every row's sequence.
+    picked = load_signals(signals_dir, columns=["id", "input_ids"], ids=chosen)
+    by_id = dict(zip(picked["id"].to_pylist(), picked["input_ids"].to_pylist()))
+    return [by_id[i] for i in chosen]
 
 
 def run_train_stage(
