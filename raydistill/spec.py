@@ -445,20 +445,47 @@ class LoopHardSpec(_Section):
         "kl", description="How hard a row is: the student's per-token KL to the teacher, or the share of positions where its greedy token is not the teacher's top-1.")
 
 
+class LoopExpandSpec(_Section):
+    seeds: int = Field(8, ge=1, description="Hard training rows per round the teacher writes new prompts from, split across domains by the round's weights (hardest first).")
+    per_seed: int = Field(2, ge=1, le=64, description="New prompts the teacher writes per seed (samples of one few-shot request).")
+    shots: int = Field(4, ge=1, le=32, description="Prompts in each few-shot request: the seed, last, after shots - 1 other training prompts of its domain.")
+    template: str = Field(
+        "Prompts on the same subjects, one per line:\n{examples}\n- ",
+        description=("The text the teacher continues to write a new prompt; {examples} is replaced by the rendered examples. Plain continuation, "
+                     "no chat template, so a base-model teacher suits it; the new prompt is its text up to the first `stop`."))
+    example: str = Field("- {prompt}", description="How one example renders in {examples} (joined by newlines); {prompt} is the row's prompt as the teacher saw it.")
+    max_tokens: int = Field(48, ge=1, description="Most tokens of one new prompt.")
+    temperature: float = Field(1.0, ge=0.0, description="The teacher's sampling temperature when it writes prompts.")
+    stop: list[str] = Field(default_factory=lambda: ["\n"], description="Strings that end a written prompt.")
+
+    @model_validator(mode="after")
+    def _placeholders(self) -> "LoopExpandSpec":
+        errors = []
+        if self.template.count("{examples}") != 1:
+            errors.append("template: must hold {examples} exactly once")
+        if self.example.count("{prompt}") != 1:
+            errors.append("example: must hold {prompt} exactly once")
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+
 class LoopSpec(_Section):
     rounds: int = Field(
         1, ge=1, le=100,
         description=("Training rounds. 1: train once (no loop). More: round 0 trains on every row; each later round measures the "
                      "student's gap per domain, chooses rows by `policy` and trains on from the last round's student for train.max_steps steps."))
-    policy: list[Literal["uniform", "ddk", "hard"]] = Field(
+    policy: list[Literal["uniform", "ddk", "hard", "expand"]] = Field(
         default_factory=lambda: ["uniform"],
         description=("How a round chooses its rows, one policy or a list: 'uniform' (each domain by its share of the corpus), 'ddk' (domain "
-                     "weights moved toward the larger gap, DDK), 'hard' (replay each domain's hardest rows, with uniform or ddk weights)."))
+                     "weights moved toward the larger gap, DDK), 'hard' (replay each domain's hardest rows, with uniform or ddk weights), "
+                     "'expand' (the teacher writes new prompts like each domain's hardest rows; they get a teacher pass and train in the round)."))
     rows_per_round: int | None = Field(None, ge=1, description="Training rows each round after the first draws (repeats allowed). Unset: as many as the corpus has.")
     gap_rows_per_domain: int = Field(64, ge=1, description="Held-out rows per domain the gap is measured on (the same slice every round).")
     seed: int = Field(0, description="Seed of each round's draw (round r uses seed + r).")
     ddk: LoopDDKSpec = Field(default_factory=LoopDDKSpec, description="The ddk policy's settings.")
-    hard: LoopHardSpec = Field(default_factory=LoopHardSpec, description="The hard policy's settings.")
+    hard: LoopHardSpec = Field(default_factory=LoopHardSpec, description="The hard policy's settings (its criterion also ranks expand's seeds).")
+    expand: LoopExpandSpec = Field(default_factory=LoopExpandSpec, description="The expand policy's settings.")
 
     @field_validator("policy", mode="before")
     @classmethod
@@ -468,7 +495,7 @@ class LoopSpec(_Section):
     @model_validator(mode="after")
     def _policies_combine(self) -> "LoopSpec":
         if len(set(self.policy)) != len(self.policy) or {"uniform", "ddk"} <= set(self.policy) or not self.policy:
-            raise ValueError(f"policy: {self.policy} does not combine; give one of uniform or ddk, optionally with hard")
+            raise ValueError(f"policy: {self.policy} does not combine; give one of uniform or ddk, optionally with hard and expand")
         return self
 
     @property
@@ -766,6 +793,8 @@ class JobSpec(_Section):
                 errors.append("data.domain_field: required with loop.policy ddk (it re-weights domains)")
             if self.distill.mode == "on_policy":
                 errors.append("loop.rounds: the loop trains offline; distill.mode on_policy takes loop.rounds: 1")
+            if "expand" in self.loop.policies and self.teacher_pass.mode != "generate":
+                errors.append("loop.policy: expand needs teacher_pass.mode generate (the teacher answers the prompts it writes)")
         if self.teachers is not None:
             checked = [(f"teachers[{i}]", t) for i, t in enumerate(self.teachers)]
         else:

@@ -129,7 +129,10 @@ FULL_SIGNAL_COLUMNS = FULL_SIGNAL_SCHEMA.names
 # Optional row labels, plain strings stored as they are and read when asked for: ``domain`` (the row's
 # ``data.domain_field``, whenever that is set) and ``teacher`` (which teacher wrote the row, with several
 # teachers routed by domain).
-ROUTING_COLUMNS = ["teacher", "domain"]
+# Rows that the adaptive loop's ``expand`` policy had the teacher write also carry ``parent_id`` (the
+# training row the new prompt was written from) and ``round`` (the loop round that wrote it, an int32).
+ROUTING_COLUMNS = ["teacher", "domain", "parent_id", "round"]
+_LABEL_TYPES = {"round": pa.int32()}  # the other labels are strings
 STORED_SCHEMA = pa.schema(
     [f for f in SIGNAL_SCHEMA if f.name != "topk_logprobs"]
     + [pa.field("tail_logprob", pa.list_(pa.float16())), pa.field("topk_logprob_steps", pa.list_(pa.list_(pa.uint16())))]
@@ -306,7 +309,7 @@ def encode_signals(table: pa.Table, scale: int = LOGPROB_SCALE, id_order=()) -> 
         stored = stored.append_column(STORED_TARGET_FIELD.name, pa.ListArray.from_arrays(outer, pa.array(target_steps)))
     schema = FULL_STORED_SCHEMA if has_target else STORED_SCHEMA
     routing = [c for c in ROUTING_COLUMNS if c in stored.column_names]
-    return stored.select(schema.names + routing).cast(pa.schema(list(schema) + [pa.field(c, pa.string()) for c in routing]))
+    return stored.select(schema.names + routing).cast(pa.schema(list(schema) + [pa.field(c, _LABEL_TYPES.get(c, pa.string())) for c in routing]))
 
 
 def _per_position(column, outer: pa.Array) -> np.ndarray:

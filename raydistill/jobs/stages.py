@@ -52,6 +52,19 @@ def _teacher(ctx: StageContext) -> dict:
     return run_teacher_stage(s.data, s.teacher, s.teacher_pass, ctx.teacher_path, str(ctx.run.signals))
 
 
+def _loop_teacher_pass(ctx: StageContext, data, teacher_pass, signals_dir: str, writer: bool) -> dict:
+    """A teacher pass of the loop's ``expand`` over ``data``: the job's own (every teacher, as routed), or with ``writer``
+    the pass that writes prompts, by each domain's teacher under domain routing and by the first teacher otherwise."""
+    from raydistill.teacher.stage import run_teacher_stage
+
+    s = ctx.spec
+    if s.teachers is not None and (not writer or teacher_pass.routing == "domain"):
+        from raydistill.teacher.multi import run_multi_teacher_stage
+
+        return run_multi_teacher_stage(data, s.teachers, teacher_pass, list(_teacher_models(ctx).values()), signals_dir)
+    return run_teacher_stage(data, s.teacher, teacher_pass, ctx.teacher_path, signals_dir)
+
+
 def _teacher_models(ctx: StageContext) -> dict[str, str]:
     """Role -> directory of every teacher the pass runs: ``teacher``, or ``teacher:<name>`` for each of several."""
     from raydistill.models import resolve_model
@@ -76,7 +89,7 @@ def _train(ctx: StageContext) -> dict:
     if s.loop is not None and s.loop.rounds > 1:
         from raydistill.loop.rounds import run_loop
 
-        out = run_loop(s, ctx.run, train_round)
+        out = run_loop(s, ctx.run, train_round, lambda data, teacher_pass, signals_dir, writer: _loop_teacher_pass(ctx, data, teacher_pass, signals_dir, writer))
     else:
         out = train_round(ctx.run, None, True)
     out["model_card"] = str(write_model_card(s, ctx.run, ctx.teacher_path))

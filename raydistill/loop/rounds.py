@@ -32,6 +32,7 @@ from raydistill.fileio import write_atomic
 from raydistill.jobs.manifest import Manifest
 from raydistill.jobs.rundir import RunDir
 from raydistill.loop import policies
+from raydistill.loop.expand import expand_round, expanded_rows
 from raydistill.loop.gap import domain_gaps
 from raydistill.spec import EvalSpec, JobSpec, LoopSpec
 
@@ -101,21 +102,28 @@ def next_weights(loop: LoopSpec, weights: dict[str, float], gaps: dict[str, dict
     return {d: len(v) / total for d, v in train_rows.items()}
 
 
-def choose_rows(loop: LoopSpec, weights: dict[str, float], train_rows: dict[str, list[str]], train_scores: dict | None, budget: int, seed: int) -> dict[str, list[str]]:
+def choose_rows(loop: LoopSpec, weights: dict[str, float], train_rows: dict[str, list[str]], train_scores: dict | None, budget: int, seed: int,
+                new_rows: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
     """Per domain, the ids of the next round's training rows (repeats allowed): the budget split by ``weights``;
-    with ``hard``, a ``loop.hard.fraction`` of each domain's share replays its hardest rows, the rest is drawn evenly."""
+    with ``hard``, a ``loop.hard.fraction`` of each domain's share replays its hardest rows; ``new_rows`` (expand's,
+    per domain) come next, each once as far as the share goes; the rest is drawn evenly."""
     counts = policies.allocate({d: weights.get(d, 0.0) for d in train_rows}, budget)
     hard_counts = {d: round(loop.hard.fraction * n) if "hard" in loop.policies else 0 for d, n in counts.items()}
-    drawn = policies.balanced_sample(train_rows, {d: counts[d] - hard_counts[d] for d in counts}, seed)
+    new = {d: list((new_rows or {}).get(d, []))[: counts[d] - hard_counts[d]] for d in counts}
+    drawn = policies.balanced_sample(train_rows, {d: counts[d] - hard_counts[d] - len(new[d]) for d in counts}, seed)
     out = {}
     for d, ids in drawn.items():
         picked = []
         if hard_counts[d]:
-            scores = [_hardness(train_scores[i], loop.hard.criterion) for i in train_rows[d]]
-            hardest = policies.select_hard(train_rows[d], scores, 1.0)
+            hardest = ranked_rows(train_rows, train_scores, loop.hard.criterion)[d]
             picked = [hardest[j % len(hardest)] for j in range(hard_counts[d])] if hardest else []
-        out[d] = picked + ids
+        out[d] = picked + new[d] + ids
     return out
+
+
+def ranked_rows(train_rows: dict[str, list[str]], train_scores: dict, criterion: str) -> dict[str, list[str]]:
+    """Per domain, its scorable training rows, hardest first by ``criterion``."""
+    return {d: policies.select_hard(ids, [_hardness(train_scores[i], criterion) for i in ids], 1.0) for d, ids in train_rows.items()}
 
 
 def _hardness(row: tuple, criterion: str) -> float:
@@ -125,13 +133,18 @@ def _hardness(row: tuple, criterion: str) -> float:
     return kl / tokens if criterion == "kl" else 1.0 - agree / tokens
 
 
-def write_round_signals(signals_dir: Path, ids: list[str], out_dir: Path) -> int:
+def write_round_signals(signals_dir: Path, ids: list[str], out_dir: Path, new_dir: Path | None = None,
+                        labels: dict[str, tuple[str, int]] | None = None) -> int:
     """The chosen training rows (in order, repeats kept) of ``signals_dir`` as a signals directory of their own.
 
     Stored rows are copied as they are (same encoding and metadata, nothing decoded); the whole
-    stored table is read in the driver, which suits the corpora one loop round replays.
+    stored table is read in the driver, which suits the corpora one loop round replays. Rows of
+    ``new_dir`` (expand's signals, encoded with their own id order) are decoded and encoded again in
+    ``signals_dir``'s, and get their ``parent_id`` and ``round`` from ``labels``.
     """
     table = pq.ParquetDataset(shard_files(signals_dir)).read()
+    if new_dir is not None and labels:
+        table = _with_new_rows(table, signals_dir, new_dir, labels)
     where = {i: n for n, i in enumerate(table["id"].to_pylist())}
     missing = [i for i in ids if i not in where]
     if missing:
@@ -144,8 +157,26 @@ def write_round_signals(signals_dir: Path, ids: list[str], out_dir: Path) -> int
     return len(ids)
 
 
-def run_loop(spec: JobSpec, run: RunDir, train_round) -> dict:
-    """All rounds; ``train_round(round_run, student_path_or_None, first: bool) -> train outputs`` trains one.
+def _with_new_rows(table: pa.Table, signals_dir: Path, new_dir: Path, labels: dict[str, tuple[str, int]]) -> pa.Table:
+    from raydistill.data.signals import FULL_SIGNAL_COLUMNS, encode_signals, read_signal_meta
+
+    meta, new_meta = read_signal_meta(signals_dir), read_signal_meta(new_dir)
+    if meta.get("tokenizer_fingerprint") != new_meta.get("tokenizer_fingerprint"):
+        raise ValueError(f"{new_dir} was written with another tokenizer than {signals_dir}")
+    stored_new = pq.ParquetDataset(shard_files(new_dir)).schema.names
+    columns = FULL_SIGNAL_COLUMNS + [c for c in ("teacher", "domain") if c in table.column_names and c in stored_new]
+    new = load_signals(new_dir, columns, ids=sorted(labels))
+    new = new.append_column("parent_id", pa.array([labels[i][0] for i in new["id"].to_pylist()], pa.string()))
+    new = new.append_column("round", pa.array([labels[i][1] for i in new["id"].to_pylist()], pa.int32()))
+    stored = encode_signals(new, meta["logprob_scale"], meta.get("topk_id_order", ()))
+    if "target_logprob_step" not in table.column_names:
+        stored = stored.drop_columns(["target_logprob_step"])
+    return pa.concat_tables([table, stored], promote_options="permissive")
+
+
+def run_loop(spec: JobSpec, run: RunDir, train_round, teacher_pass=None) -> dict:
+    """All rounds; ``train_round(round_run, student_path_or_None, first: bool) -> train outputs`` trains one;
+    ``teacher_pass`` (``raydistill.loop.expand.TeacherPass``) runs the teacher passes of the ``expand`` policy.
 
     Returns the train stage's outputs: the last round's, plus ``rounds`` (per round: the gaps measured
     before it, the weights and rows it trained on).
@@ -175,17 +206,28 @@ def run_loop(spec: JobSpec, run: RunDir, train_round) -> dict:
             gap = _step(manifest, "gap", lambda: {"gaps": gaps_of(measure(spec.eval, spec.train.max_seq_len, student, signals, "eval", slice_ids))})
             gaps = gap["gaps"]
 
+            expand_dir = rr.root / "expand"
+            if "expand" in loop.policies:
+                def expand(gaps=gaps, r=r, weights=weights):
+                    scores = measure(spec.eval, spec.train.max_seq_len, student, signals, "train")
+                    return expand_round(spec, r, expand_dir, ranked_rows(train_rows, scores, loop.hard.criterion),
+                                        next_weights(loop, weights, gaps, train_rows), train_rows, signals, teacher_pass)
+
+                record["expand"] = _step(manifest, "expand", expand)
+
             def select(gaps=gaps, r=r, weights=weights):
                 scores = measure(spec.eval, spec.train.max_seq_len, student, signals, "train") if "hard" in loop.policies else None
                 new = next_weights(loop, weights, gaps, train_rows)
-                chosen = choose_rows(loop, new, train_rows, scores, budget, loop.seed + r)
-                n = write_round_signals(signals, [i for d in sorted(chosen) for i in chosen[d]], rr.signals)
-                return {"weights": new, "rows": n, "rows_by_domain": {d: len(v) for d, v in chosen.items()}}
+                new_rows, labels = expanded_rows(expand_dir) if "expand" in loop.policies else ({}, {})
+                chosen = choose_rows(loop, new, train_rows, scores, budget, loop.seed + r, new_rows)
+                n = write_round_signals(signals, [i for d in sorted(chosen) for i in chosen[d]], rr.signals, expand_dir / "signals", labels)
+                return {"weights": new, "rows": n, "rows_by_domain": {d: len(v) for d, v in chosen.items()},
+                        "new_rows": sum(1 for v in chosen.values() for i in v if i in labels)}
 
             chosen = _step(manifest, "select", select)
             weights = chosen["weights"]
             record.update(gaps={d: g["kl"] for d, g in gaps.items()}, gap_detail=gaps, weights=weights, rows=chosen["rows"],
-                          rows_by_domain=chosen["rows_by_domain"])
+                          rows_by_domain=chosen["rows_by_domain"], new_rows=chosen.get("new_rows", 0))
             out = _step(manifest, "train", lambda: train_round(rr, student, False))
             print(f"[train] loop round {r}: gaps " + ", ".join(f"{d} {g['kl']:.3f}" for d, g in sorted(gaps.items()))
                   + "; weights " + ", ".join(f"{d} {w:.2f}" for d, w in sorted(weights.items())), flush=True)

@@ -1,9 +1,11 @@
 """Two teachers routed by domain, under the adaptive loop: one tiny run, as a user runs it (``raydistill run configs/tiny_loop.yaml``).
 
 Domain routing: each row is written by the teacher of its domain, rows with an unknown or no domain are
-rejected with the reason (and ``validate`` names them first). The loop: 2 rounds with ``ddk``, killed
-in the second round's training and re-run; the first round is not redone, the weights move toward the
-domain with the larger gap, and the gaps land in the manifest and the loop's report.
+rejected with the reason (and ``validate`` names them first). The loop: 2 rounds with ``ddk`` and
+``expand``, killed in the second round's training and re-run; the first round is not redone, the
+weights move toward the domain with the larger gap, and the gaps land in the manifest and the loop's
+report. ``expand``: each domain's teacher writes new prompts from the hardest rows; they carry
+``parent_id`` and ``round``, go through the teacher pass's bad-row handling, and train in round 1.
 """
 
 import json
@@ -39,8 +41,8 @@ def test_domain_routed_teachers_under_a_killed_and_resumed_ddk_loop(tmp_path, fr
     corpus.write_text("\n".join(lines) + "\n")
     run_dir = tmp_path / "run"
     sets = [f"runtime.run_dir={run_dir}", f"serve.port={free_port}", f"data.path={corpus}", "teacher=null", f"teachers={TEACHERS}",
-            "teacher_pass.routing=domain", "teacher_pass.sampling.max_tokens=12", "loop.rounds=2", "loop.policy=ddk",
-            "loop.ddk.temperature=0.05"]
+            "teacher_pass.routing=domain", "teacher_pass.sampling.max_tokens=12", "loop.rounds=2", "loop.policy=[ddk, expand]",
+            "loop.ddk.temperature=0.05", "loop.expand.seeds=4", "loop.expand.per_seed=2", "loop.expand.shots=3", "loop.expand.max_tokens=12"]
     args = [x for s in sets for x in ("--set", s)]
 
     # validate names the unknown domain, and where it is, before anything runs
@@ -55,11 +57,13 @@ def test_domain_routed_teachers_under_a_killed_and_resumed_ddk_loop(tmp_path, fr
     first_round = _entries(run_dir / "rounds" / "0" / "manifest.json")["train"]
     assert first_round["status"] == "succeeded"
     chosen = _entries(second)["select"]
+    expanded = _entries(second)["expand"]
+    assert expanded["status"] == "succeeded"
 
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
     assert _entries(run_dir / "rounds" / "0" / "manifest.json")["train"] == first_round  # not redone
-    assert _entries(second)["select"] == chosen and _entries(second)["train"]["status"] == "succeeded"
+    assert _entries(second)["select"] == chosen and _entries(second)["expand"] == expanded and _entries(second)["train"]["status"] == "succeeded"
 
     # domain routing: the teacher of each row's domain wrote it; the others were rejected with the reason
     signals = run_dir / "signals"
@@ -87,6 +91,27 @@ def test_domain_routed_teachers_under_a_killed_and_resumed_ddk_loop(tmp_path, fr
     assert (run_dir / "rounds" / "report.md").read_text().count("\n| ") == 4  # the header, rounds 0 and 1, the final student
     assert (run_dir / "rounds" / "gaps.png").exists() and (run_dir / "rounds" / "weights.png").exists()
     assert (run_dir / "student" / "config.json").exists() and outputs["student_dir"] == str(run_dir / "student")
+
+    # expand: the new rows name their parent (a training row of their domain) and round, and each either has
+    # signals, written by its domain's teacher, or is a rejected row with its reason; the good ones train in round 1
+    exp = run_dir / "rounds" / "1" / "expand"
+    written = [json.loads(l) for l in (exp / "prompts.jsonl").read_text().splitlines()]
+    facts = expanded["outputs"]
+    assert facts["seeds"] == 4 and facts["written"] == len(written) == 8
+    train_domain = {i: d for i, d, s in zip(table["id"].to_pylist(), table["domain"].to_pylist(), table["split"].to_pylist()) if s == "train"}
+    assert all(w["round"] == 1 and train_domain[w["parent_id"]] == w["domain"] for w in written)
+    new = load_signals(exp / "signals", ["id", "teacher", "domain"])
+    new_rejected = [json.loads(l) for l in (exp / "signals" / "_rejected.jsonl").read_text().splitlines()] if (exp / "signals" / "_rejected.jsonl").exists() else []
+    line_of = {f"{exp / 'prompts.jsonl'}:{n + 1}": w["id"] for n, w in enumerate(written)}
+    assert all(r["reason"] for r in new_rejected)
+    assert sorted(new["id"].to_pylist() + [line_of[r["source"]] for r in new_rejected]) == sorted(w["id"] for w in written)
+    assert facts["rows"] == new.num_rows and facts["rejected"] == len(new_rejected)
+    assert all(owner[d] == t for t, d in zip(new["teacher"].to_pylist(), new["domain"].to_pylist()))
+    by_id = {w["id"]: w for w in written}
+    trained = load_signals(run_dir / "rounds" / "1" / "signals", ["id", "parent_id", "round"])
+    taken = [(i, p, r) for i, p, r in zip(*(trained[c].to_pylist() for c in ("id", "parent_id", "round"))) if p is not None]
+    assert len(taken) == chosen["outputs"]["new_rows"] and all(p == by_id[i]["parent_id"] and r == 1 for i, p, r in taken)
+    assert taken or not new.num_rows
 
     # the report: held-out figures per domain, each against its own teacher's signals
     report = json.loads((run_dir / "eval" / "report.json").read_text())
