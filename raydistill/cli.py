@@ -13,6 +13,7 @@ import yaml
 from raydistill.jobs import submit as jobs
 from raydistill.jobs.pipeline import RunDirBusy
 from raydistill.jobs.stages import STAGE_NAMES as STAGES
+from raydistill.jobs.tracking import TrackingError
 from raydistill.spec import JobSpec, ServeSpec, SpecError, apply_overrides, format_validation_error, load_spec, spec_from_dict
 
 
@@ -316,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     except jobs.ClusterError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except RunDirBusy as err:
+    except (RunDirBusy, TrackingError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
 

@@ -522,6 +522,45 @@ class EvalSpec(_Section):
     own_sample_tokens: int = Field(32, ge=1, description="Most tokens the student samples per prompt for `own_samples`.")
 
 
+class MLflowSpec(_Section):
+    tracking_uri: str | None = Field(
+        None,
+        description=(
+            "MLflow tracking server or store: 'http://host:5000', 'databricks', 'file:///shared/mlruns', a local directory. "
+            "Unset: a local store in RUN/mlruns. A server is checked once when the run starts; one that cannot be reached stops "
+            "the run there, before any stage runs."
+        ),
+    )
+    experiment: str = Field("raydistill", min_length=1, max_length=500, description="MLflow experiment the run is logged to; created if missing.")
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _absolute_local_store(cls, v: str | None) -> str | None:
+        # A relative store means "relative to where the user ran the command"; the train workers log from other directories.
+        if v is None or not v.strip():
+            return None
+        if v.startswith("file:") and not v.startswith("file:/"):
+            return Path(os.path.abspath(os.path.expanduser(v[len("file:"):]))).as_uri()
+        if ":" not in v and v != "databricks":  # MLflow reads a URI without a scheme as a local store's directory
+            return Path(os.path.abspath(os.path.expanduser(v))).as_uri()
+        return v
+
+
+class TrackingSpec(_Section):
+    mlflow: MLflowSpec | None = Field(
+        None,
+        description=(
+            "Log the run to MLflow: the spec as params, every training step's metrics, the eval metrics and report, the spec "
+            "and the student's location. Unset: off; `mlflow: true` (or {}) logs to a local store in RUN/mlruns."
+        ),
+    )
+
+    @field_validator("mlflow", mode="before")
+    @classmethod
+    def _on_off(cls, v: Any) -> Any:
+        return ({} if v else None) if isinstance(v, bool) else v
+
+
 def is_loopback_host(host: str) -> bool:
     """Whether binding ``host`` keeps the app on this machine (127.0.0.0/8, ::1, localhost)."""
     import ipaddress
@@ -765,6 +804,10 @@ class JobSpec(_Section):
     eval: EvalSpec = Field(default_factory=EvalSpec, description="Evaluation of the student against the teacher.")
     serve: ServeSpec = Field(default_factory=ServeSpec, description="Serving the student over HTTP.")
     runtime: RuntimeSpec = Field(description="Where the job runs and writes.")
+    tracking: TrackingSpec = Field(
+        default_factory=TrackingSpec,
+        description="Experiment tracking (MLflow). No stage reads it: turning it on or changing it re-runs nothing.",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -70,9 +70,10 @@ def kill_when():
 
 
 # The overrides of configs/tiny.yaml that the shared run uses: the report's vLLM generation on (so
-# the eval checks see speed, side-by-side answers and the student's own samples) and a short training.
+# the eval checks see speed, side-by-side answers and the student's own samples), a short training,
+# and MLflow tracking to the local store under the run directory (the e2e MLflow test reads it back).
 TINY_RUN_OVERRIDES = ["eval.measure_speed=true", "eval.side_by_side=2", "eval.speed_prompts=4", "eval.own_samples=4",
-                      "eval.own_sample_tokens=16", "train.max_steps=6"]
+                      "eval.own_sample_tokens=16", "train.max_steps=6", "tracking.mlflow.experiment=raydistill-e2e"]
 
 
 @pytest.fixture(scope="session")

@@ -48,6 +48,9 @@ class TrainInputs:
     log_dir: str | None = None
     # The rollout engine and teacher scorers of distill.mode 'on_policy' (raydistill.onpolicy.loop).
     on_policy: Any = None
+    # The MLflow run rank 0 logs each step to (raydistill.jobs.tracking.TrackedRun), or None, and the metrics' name prefix.
+    tracking: Any = None
+    tracking_prefix: str = "train/"
 
 
 def total_steps(train: TrainSpec, n_train_rows: int) -> int:
@@ -310,18 +313,23 @@ def train_step(engine, micro: list[dict], distill: DistillSpec, chunk_tokens: in
 
 
 class MetricsLog:
-    """Rank 0's per-step output: console, the live ``progress.jsonl`` and optional TensorBoard.
+    """Rank 0's per-step output: console, the live ``progress.jsonl``, optional TensorBoard and optional MLflow.
 
     ``progress.jsonl`` is append-only across restarts (a resumed attempt repeats the steps after
     its checkpoint, marked by a ``resumed_from`` event). ``metrics.jsonl`` holds the final
     history, one record per optimizer step, and is written by the driver at the end.
     """
 
-    def __init__(self, rank: int, log_dir: str | None, tensorboard: bool, total: int):
+    def __init__(self, rank: int, log_dir: str | None, tensorboard: bool, total: int, tracking=None, tracking_prefix: str = "train/"):
         self.active = rank == 0
         self.total = total
         self.progress = None
         self.tb = None
+        self.mlflow = None
+        if self.active and tracking is not None:
+            from raydistill.jobs.tracking import StepLogger
+
+            self.mlflow = StepLogger(tracking, tracking_prefix)
         if self.active and log_dir:
             Path(log_dir).mkdir(parents=True, exist_ok=True)
             self.progress = open(Path(log_dir) / "progress.jsonl", "a")
@@ -344,6 +352,8 @@ class MetricsLog:
                 if record.get(key) is not None:
                     self.tb.add_scalar(f"train/{key}", record[key], record["step"])
             self.tb.flush()
+        if self.mlflow:
+            self.mlflow.step(record)
         gn = record["grad_norm"]
         phases = ""
         if "train_s" in record:  # on-policy: the seconds of each phase of this step
@@ -426,7 +436,7 @@ def train_loop_per_worker(config: dict) -> None:
     tokenizer = AutoTokenizer.from_pretrained(inputs.student_path)
     engine = build_engine(build_model(inputs), inputs)
     start, history = restore(engine, inputs)
-    log = MetricsLog(rank, inputs.log_dir, train.tensorboard, inputs.total_steps)
+    log = MetricsLog(rank, inputs.log_dir, train.tensorboard, inputs.total_steps, inputs.tracking, inputs.tracking_prefix)
     if inputs.log_dir:
         # Which process is which rank, for py-spy, kill tests and post-mortems.
         workers = Path(inputs.log_dir) / "workers"
@@ -505,6 +515,8 @@ def run_train_stage(
     teacher_path: str | None = None,
     teacher: TeacherSpec | None = None,
     teacher_pass: TeacherPassSpec | None = None,
+    tracking=None,
+    tracking_prefix: str = "train/",
 ) -> dict:
     """Train the student on ``split == train`` signals; export it to ``run.student``. Returns the stage outputs.
 
@@ -513,7 +525,8 @@ def run_train_stage(
 
     ``student`` (with ``teacher_path``) selects the initialization; without it ``student_path``
     is used as a pretrained start. On-policy training also scores with the teacher
-    (``teacher_path``, ``teacher``'s engines, ``teacher_pass.top_k``).
+    (``teacher_path``, ``teacher``'s engines, ``teacher_pass.top_k``). ``tracking``: the MLflow run
+    (``raydistill.jobs.tracking.TrackedRun``) that rank 0 logs each step to, as ``tracking_prefix``+name.
     """
     from transformers import AutoTokenizer
 
@@ -548,6 +561,8 @@ def run_train_stage(
         ds_config=ds_config,
         freeze_embeddings=bool(student and student.freeze_embeddings),
         log_dir=str(train_dir),
+        tracking=tracking,
+        tracking_prefix=tracking_prefix,
     )
     datasets, pool = {"train": train_ds}, None
     if distill.mode == "on_policy":

@@ -7,6 +7,7 @@ anything runs (``raydistill run --dry-run`` prints only that).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -216,8 +217,18 @@ def _run_plan(spec: JobSpec, steps: list[Step], ctx: StageContext, manifest: Man
             manifest.mark(step.stage.name, status="stale", stale_reason=f"inputs changed since it ran; run again with --stages {step.stage.name}")
         elif step.action == "skip" and manifest.entry(step.stage.name).get("status") == "stale":
             manifest.mark(step.stage.name, status="succeeded", stale_reason=None)  # the spec is back to what it ran with
+    if spec.tracking.mlflow is not None:
+        from raydistill.jobs import tracking
+
+        # Before any stage: a store that cannot be used stops the run here, not after hours of training.
+        ctx = dataclasses.replace(ctx, tracking=tracking.start(spec, run))
+        if ctx.tracking.new:
+            for step in steps:
+                if step.action == "skip":
+                    _track(step.stage, ctx, replay=True)
     to_run = [s for s in steps if s.action == "run"]
     if not to_run:
+        _finish_tracking(ctx, "FINISHED")
         return manifest.data
     if session is not None and not session.verbose:
         print(f"==> logs: vLLM, Ray, Ray Data and the workers write to {session.logs_dir}/ (driver.log, ray/); "
@@ -228,10 +239,38 @@ def _run_plan(spec: JobSpec, steps: list[Step], ctx: StageContext, manifest: Man
     try:
         for step in to_run:
             _run_step(step, ctx, manifest, session)
+            _track(step.stage, ctx, replay=False)
+    except BaseException as err:
+        _finish_tracking(ctx, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
     finally:
         if session is not None:
             collect_ray_logs(session.logs_dir)
+    _finish_tracking(ctx, "FINISHED")
     return manifest.data
+
+
+def _track(stage: Stage, ctx: StageContext, replay: bool) -> None:
+    """What ``stage`` logs to the MLflow run; a failure to log is a warning, never the stage's failure."""
+    if ctx.tracking is None:
+        return
+    from raydistill.jobs.tracking import warn
+
+    try:
+        stage.track(ctx, ctx.tracking, replay)
+    except Exception as err:
+        warn(f"the {stage.name} stage's {'earlier ' if replay else ''}results to MLflow run {ctx.tracking.run_id}", err)
+
+
+def _finish_tracking(ctx: StageContext, status: str) -> None:
+    if ctx.tracking is None:
+        return
+    from raydistill.jobs.tracking import warn
+
+    try:
+        ctx.tracking.finish(status)
+    except Exception as err:
+        warn(f"the end ({status}) of MLflow run {ctx.tracking.run_id}", err)
 
 
 # The note a stage's error carries: ``raydistill run`` then prints it without the driver-side traceback.

@@ -57,3 +57,13 @@ class RunDir:
     def rounds(self) -> Path:
         """The adaptive loop's rounds (``loop.rounds`` > 1): one run directory per round, and the loop's report."""
         return self.root / "rounds"
+
+    @property
+    def mlruns(self) -> Path:
+        """The local MLflow store (``tracking.mlflow`` without a tracking_uri)."""
+        return self.root / "mlruns"
+
+    @property
+    def mlflow_run(self) -> Path:
+        """Which MLflow run this directory logs to (store, experiment, run id), so that a re-run continues it."""
+        return self.root / "mlflow.json"

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from raydistill.jobs.rundir import RunDir
 from raydistill.spec import JobSpec
+
+if TYPE_CHECKING:
+    from raydistill.jobs.tracking import TrackedRun
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,7 @@ class StageContext:
     run: RunDir
     teacher_path: str
     student_path: str | None  # None for a student pruned from the teacher (built by train)
+    tracking: "TrackedRun | None" = None  # the MLflow run (tracking.mlflow), started by the pipeline
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,9 @@ class Stage:
     reads_corpus: bool = False
     outputs: Callable[[RunDir], tuple[Path, ...]] = lambda run: ()
     enabled: Callable[[JobSpec], bool] = lambda spec: True
+    # What it logs to the MLflow run once it succeeded; with replay=True, what its outputs of an earlier
+    # run put into a new MLflow run (one started for a changed spec) when this run skips it.
+    track: Callable[[StageContext, "TrackedRun", bool], None] = lambda ctx, tracked, replay: None
 
 
 def _teacher(ctx: StageContext) -> dict:
@@ -83,8 +90,11 @@ def _train(ctx: StageContext) -> dict:
 
     def train_round(run, student_path, first: bool) -> dict:
         # The first round initializes the student as the spec says; later ones continue from the last round's.
+        # A round of the loop logs its steps under its own directory's name (rounds/<r>/train/...), as each starts at step 1.
+        prefix = "train/" if run.root == ctx.run.root else f"{run.root.relative_to(ctx.run.root).as_posix()}/train/"
         return run_train_stage(s.train, s.distill, ctx.student_path if first else student_path, ctx.run.signals if first else run.signals, run,
-                               student=s.student if first else None, teacher_path=ctx.teacher_path, teacher=s.teacher, teacher_pass=s.teacher_pass)
+                               student=s.student if first else None, teacher_path=ctx.teacher_path, teacher=s.teacher, teacher_pass=s.teacher_pass,
+                               tracking=ctx.tracking, tracking_prefix=prefix)
 
     if s.loop is not None and s.loop.rounds > 1:
         from raydistill.loop.rounds import run_loop
@@ -94,6 +104,21 @@ def _train(ctx: StageContext) -> dict:
         out = train_round(ctx.run, None, True)
     out["model_card"] = str(write_model_card(s, ctx.run, ctx.teacher_path))
     return out
+
+
+def _track_train(ctx: StageContext, tracked: "TrackedRun", replay: bool) -> None:
+    # Live, rank 0 logged each step; a replay reads them back from the history the stage left.
+    metrics = ctx.run.train / "metrics.jsonl"
+    if replay and metrics.exists():
+        import json
+
+        tracked.log_history(json.loads(line) for line in metrics.read_text().splitlines() if line.strip())
+    if ctx.run.student.exists():
+        tracked.set_student(ctx.run.student)
+
+
+def _track_eval(ctx: StageContext, tracked: "TrackedRun", replay: bool) -> None:
+    tracked.log_eval(ctx.run)
 
 
 def _eval(ctx: StageContext) -> dict:
@@ -139,10 +164,10 @@ STAGES: tuple[Stage, ...] = (
     Stage("teacher", _teacher, reads=("teacher.model", "teacher.engine_args", "teachers", "data", "teacher_pass"), ignores=_TEACHER_RUNTIME,
           models=_teacher_models, reads_corpus=True, outputs=lambda run: (run.signals,)),
     Stage("train", _train, reads=("student", "distill", "train", "loop"), ignores=_TRAIN_RUNTIME, after=("teacher",), models=_train_models,
-          outputs=lambda run: (run.checkpoints, run.train, run.student_init, run.student, run.on_policy, run.rounds)),
+          outputs=lambda run: (run.checkpoints, run.train, run.student_init, run.student, run.on_policy, run.rounds), track=_track_train),
     Stage("eval", _eval, reads=("eval", "train.max_seq_len", "teacher.engine_args"), ignores=("eval.enabled", "eval.num_cpus"),
           after=("teacher", "train"), models=lambda ctx: {"teacher": ctx.teacher_path}, outputs=lambda run: (run.eval,),
-          enabled=lambda spec: spec.eval.enabled),
+          enabled=lambda spec: spec.eval.enabled, track=_track_eval),
     Stage("serve-check", _serve_check, reads=("serve",), ignores=_SERVE_RUNTIME, after=("teacher", "train")),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)

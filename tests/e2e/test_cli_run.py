@@ -40,6 +40,38 @@ def test_tiny_run_end_to_end_then_rerun_skips(tiny_run, tiny_spec, run_cli):
     assert all(len(manifest["stages"][s]["fingerprint"]) == 16 for s in manifest["stages"])
 
 
+def test_tiny_run_is_in_mlflow(tiny_run, tiny_spec):
+    """The shared run tracks to the local store in RUN/mlruns: read back with MLflow's own client."""
+    from raydistill.jobs.tracking import TAG_STUDENT, client
+
+    proc = tiny_run[1]
+    run_dir = Path(tiny_spec.runtime.run_dir)
+    state = json.loads((run_dir / "mlflow.json").read_text())
+    assert state["tracking_uri"] == (run_dir / "mlruns").resolve().as_uri() and state["experiment"] == "raydistill-e2e"
+    assert f"==> tracking: MLflow run {state['run_id']} in experiment 'raydistill-e2e'" in proc.stdout
+    mlflow = client(state["tracking_uri"])
+    got = mlflow.get_run(state["run_id"])
+    assert got.info.status == "FINISHED" and got.info.experiment_id == mlflow.get_experiment_by_name("raydistill-e2e").experiment_id
+    assert got.data.params["train.max_steps"] == str(tiny_spec.train.max_steps) and got.data.params["distill.loss"] == "forward_kl"
+
+    # Every optimizer step, once, as rank 0 logged it: the values of RUN/train/metrics.jsonl.
+    steps = tiny_spec.train.max_steps
+    history = sorted(mlflow.get_metric_history(state["run_id"], "train/loss"), key=lambda m: m.step)
+    assert [m.step for m in history] == list(range(1, steps + 1))
+    records = [json.loads(l) for l in (run_dir / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert [m.value for m in history] == pytest.approx([r["loss"] for r in records])
+    assert len(mlflow.get_metric_history(state["run_id"], "train/lr")) == steps
+
+    report = json.loads((run_dir / "eval" / "report.json").read_text())
+    metrics = got.data.metrics
+    assert metrics["eval.kl_to_teacher"] == pytest.approx(report["kl_to_teacher"])
+    assert metrics["eval.student.nll"] == pytest.approx(report["student"]["nll"])
+    assert metrics["eval.top1_agreement"] == pytest.approx(report["top1_agreement"])
+    artifacts = {a.path for a in mlflow.list_artifacts(state["run_id"])} | {a.path for a in mlflow.list_artifacts(state["run_id"], "eval")}
+    assert {"spec.yaml", "eval/report.md", "eval/report.json", "eval/comparison.png"} <= artifacts
+    assert got.data.tags[TAG_STUDENT] == str((run_dir / "student").resolve())
+
+
 def _mtimes(run_dir: Path) -> dict[str, int]:
     return {str(p): p.stat().st_mtime_ns for p in sorted(run_dir.rglob("*"))}
 
