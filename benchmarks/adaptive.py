@@ -17,7 +17,7 @@ raised to cover them). Variants:
 variant runs ``--seeds`` times (loop.seed and train.seed); the figures are the means over seeds.
 
     .venv/bin/python benchmarks/adaptive.py --json adaptive.json \\
-        [--spec configs/tiny_loop.yaml] [--signals RUN/signals] [--rounds 3] [--steps 4] [--seeds 2]
+        [--spec configs/tiny_loop.yaml] [--signals RUN/signals] [--rounds 3] [--steps 4] [--seeds 2] [--set KEY=VALUE ...]
 
 The spec must set ``data.domain_field``. ``--signals`` reuses a finished teacher pass of that spec.
 """
@@ -70,6 +70,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per round (default: the spec's train.max_steps)")
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--only", help="comma-separated subset of variants (uniform is always run)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="spec override, as `raydistill run --set` (repeatable)")
     args = parser.parse_args()
 
     from raydistill.distill.train import run_train_stage
@@ -82,7 +83,7 @@ def main() -> int:
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    base = load_spec(args.spec, [f"runtime.run_dir={out / 'teacher'}"])
+    base = load_spec(args.spec, [*args.set, f"runtime.run_dir={out / 'teacher'}"])
     if base.data.domain_field is None:
         raise SystemExit(f"{args.spec}: set data.domain_field (the benchmark compares domains)")
     init_ray(base.runtime)
@@ -124,7 +125,7 @@ def main() -> int:
 
     import ray
 
-    figures = {"spec": args.spec, "rounds": args.rounds, "steps_per_round": args.steps or base.train.max_steps, "seeds": args.seeds,
+    figures = {"spec": args.spec, "overrides": args.set, "rounds": args.rounds, "steps_per_round": args.steps or base.train.max_steps, "seeds": args.seeds,
                "variants": rows, **headline(rows),
                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}, ray {ray.__version__}"}
     Path(args.json).write_text(json.dumps(figures, indent=2))
