@@ -18,8 +18,8 @@ same held-out split by the project's eval stage:
 
 With ``--auto-layers`` (a spec whose student is pruned from the teacher), (a) and (c) run once
 more as ``init@auto`` and ``fkl@auto``: the same number of teacher layers, chosen by
-``student.layers: auto`` (block influence on the signals' training rows) instead of the spec's
-hand-picked list.
+``student.layers: auto`` (``--layer-scoring``: block influence by default, or drop_one, on the
+signals' training rows) instead of the spec's hand-picked list.
 
 Figures per variant: held-out KL to the teacher on the teacher's text (sparse, with tail),
 perplexity on the teacher's responses, top-1 agreement, and on the student's own samples of
@@ -132,6 +132,8 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=2, help="runs per trained variant, seeds 0..N-1")
     parser.add_argument("--own-samples", type=int, default=16, help="held-out prompts the student samples from in the eval (eval.own_samples)")
     parser.add_argument("--auto-layers", action="store_true", help="also init and fkl with student.layers auto at the spec's layer count")
+    parser.add_argument("--layer-scoring", choices=["block_influence", "drop_one"], default="block_influence",
+                        help="--auto-layers: student.layer_scoring of the auto variants")
     args = parser.parse_args()
 
     from raydistill.distill.init import PRUNE_INFO_FILE, kept_layers, prepare_student
@@ -171,7 +173,7 @@ def main() -> int:
         config = AutoConfig.from_pretrained(teacher)
         n_teacher = (config.get_text_config() if hasattr(config, "get_text_config") else config).num_hidden_layers
         n_kept = len(kept_layers(n_teacher, spec.student.layers, spec.student.every_nth))
-        auto = spec.student.model_copy(update={"layers": "auto", "num_layers": n_kept, "every_nth": None})
+        auto = spec.student.model_copy(update={"layers": "auto", "num_layers": n_kept, "every_nth": None, "layer_scoring": args.layer_scoring})
         for base in ("init", "fkl"):
             chosen[f"{base}@auto"], students[f"{base}@auto"] = chosen[base], auto
     if args.only:

@@ -159,12 +159,20 @@ class StudentSpec(_Section):
         None,
         description=(
             "prune_from_teacher: the teacher's decoder layers to keep, by index (0-based, negative counts from the end), in "
-            "order; or 'auto' to keep the `num_layers` layers that matter most, measured by their block influence "
-            "(ShortGPT: 1 - cos(input, output) of each layer) on `calibration_rows` rows of the teacher's signals."
+            "order; or 'auto' to keep the `num_layers` layers that matter most, measured by `layer_scoring` "
+            "on `calibration_rows` rows of the teacher's signals."
         ),
     )
     num_layers: int | None = Field(None, ge=1, description="layers 'auto': how many of the teacher's layers the student keeps.")
     calibration_rows: int = Field(32, ge=1, description="layers 'auto': training rows of the teacher's signals the layers are measured on.")
+    layer_scoring: Literal["block_influence", "drop_one"] = Field(
+        "block_influence",
+        description=(
+            "layers 'auto': how a layer's importance is measured. 'block_influence' (ShortGPT): 1 - cos(input, output) of "
+            "the layer, one forward pass per row. 'drop_one' (Minitron's depth importance): the teacher's NLL on the rows "
+            "with that layer removed, one forward pass per layer and row; slower, and it sees what the later layers need."
+        ),
+    )
     every_nth: int | None = Field(
         None,
         ge=1,
@@ -190,6 +198,8 @@ class StudentSpec(_Section):
                 errors.append(f"layers: {self.layers} must be a non-empty list without repeats")
             if (self.layers == "auto") != (self.num_layers is not None):
                 errors.append("num_layers: needed with layers 'auto', and only there")
+        if self.layer_scoring != "block_influence" and self.layers != "auto":
+            errors.append("layer_scoring: only used with layers 'auto'")
         if errors:
             raise ValueError("; ".join(errors))
         return self

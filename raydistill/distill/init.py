@@ -150,6 +150,53 @@ def block_influence(model, sequences: list[list[int]]) -> list[float]:
     return (total / count).tolist()
 
 
+def drop_one_nll(model, sequences: list[list[int]]) -> list[float]:
+    """Each decoder layer's depth importance (Minitron, Muralidharan et al. 2024) on ``sequences``.
+
+    Score of layer l: the mean next-token NLL (nats/token) of ``model`` with layer l removed. A
+    layer whose removal barely raises the loss scores near the full model's NLL and is the cheapest
+    to drop. Unlike block influence it measures the effect on the output, so it sees a layer whose
+    small turn of the residual stream the later layers depend on. One forward pass per layer and
+    sequence, no gradients.
+    """
+    import torch
+
+    decoder = model.get_decoder()
+    layers = decoder.layers
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    n, layer_types = config.num_hidden_layers, getattr(config, "layer_types", None)
+    sequences = [ids for ids in sequences if len(ids) >= 2]
+    if not sequences:
+        raise ValueError("layer scoring needs at least one calibration sequence of 2 or more tokens")
+    scores = []
+    model.eval()
+    try:
+        for drop in range(n):
+            keep = [i for i in range(n) if i != drop]
+            # The decoders index per-layer lists of the config (attention type, sliding window) by position
+            # in `layers`, so the config is cut the same way for the forward pass.
+            decoder.layers = torch.nn.ModuleList([layers[i] for i in keep])
+            config.num_hidden_layers = n - 1
+            if layer_types is not None:
+                config.layer_types = [layer_types[i] for i in keep]
+            total, count = 0.0, 0
+            with torch.no_grad():
+                for ids in sequences:
+                    t = torch.tensor([ids])
+                    logits = model(input_ids=t, use_cache=False).logits[0, :-1].double()
+                    total += torch.nn.functional.cross_entropy(logits, t[0, 1:], reduction="sum").item()
+                    count += len(ids) - 1
+            scores.append(total / count)
+    finally:
+        decoder.layers, config.num_hidden_layers = layers, n
+        if layer_types is not None:
+            config.layer_types = layer_types
+    return scores
+
+
+LAYER_SCORES = {"block_influence": block_influence, "drop_one": drop_one_nll}
+
+
 def choose_layers(scores: list[float], num_layers: int) -> list[int]:
     """The ``num_layers`` layers with the highest scores, in ascending order (ties: the earlier layer)."""
     if not 1 <= num_layers <= len(scores):
@@ -158,13 +205,13 @@ def choose_layers(scores: list[float], num_layers: int) -> list[int]:
     return sorted(ranked[:num_layers])
 
 
-def score_teacher_layers(teacher_path: str, sequences: list[list[int]]) -> list[float]:
-    """``block_influence`` of ``teacher_path``'s layers, loaded in float32 on the CPU."""
+def score_teacher_layers(teacher_path: str, sequences: list[list[int]], method: str = "block_influence") -> list[float]:
+    """``method``'s score (a name in ``LAYER_SCORES``) of ``teacher_path``'s layers, loaded in float32 on the CPU."""
     import torch
     from transformers import AutoModelForCausalLM
 
     teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32)
-    return block_influence(teacher, sequences)
+    return LAYER_SCORES[method](teacher, sequences)
 
 
 def prepare_student(student: StudentSpec, teacher_path: str, student_model_path: str | None, run: RunDir,
@@ -184,7 +231,7 @@ def prepare_student(student: StudentSpec, teacher_path: str, student_model_path:
     out = run.student_init
     info_file = out / PRUNE_INFO_FILE
     auto = student.layers == "auto"
-    wanted_selection = {"method": "block_influence", "num_layers": student.num_layers, "calibration_rows": student.calibration_rows} if auto else None
+    wanted_selection = {"method": student.layer_scoring, "num_layers": student.num_layers, "calibration_rows": student.calibration_rows} if auto else None
     if info_file.exists():
         info = json.loads(info_file.read_text())
         n = info["teacher_layers"]
@@ -199,14 +246,14 @@ def prepare_student(student: StudentSpec, teacher_path: str, student_model_path:
         if calibration is None:
             raise ValueError("student.layers 'auto' needs calibration text (the teacher's signals)")
         sequences = calibration(student.calibration_rows)
-        scores = score_teacher_layers(teacher_path, sequences)
+        scores = score_teacher_layers(teacher_path, sequences, student.layer_scoring)
         layers = choose_layers(scores, student.num_layers)
         selection = {**wanted_selection, "scores": [round(x, 6) for x in scores], "calibration_tokens": sum(len(s) for s in sequences)}
-        print(f"[train] layer scores (block influence, {len(sequences)} calibration rows): "
+        print(f"[train] layer scores ({student.layer_scoring.replace('_', ' ')}, {len(sequences)} calibration rows): "
               + ", ".join(f"{i}: {x:.4f}" for i, x in enumerate(scores)), flush=True)
     info = prune_from_teacher(teacher_path, str(out), layers, None if auto else student.every_nth, selection)
     print(f"[train] student pruned from the teacher: layers {info['kept_layers']} of {info['teacher_layers']}"
-          + (" (chosen by block influence)" if auto else "") + f" -> {out}", flush=True)
+          + (f" (chosen by {student.layer_scoring.replace('_', ' ')})" if auto else "") + f" -> {out}", flush=True)
     return str(out)
 
 

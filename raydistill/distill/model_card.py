@@ -99,7 +99,8 @@ def _provenance(spec: JobSpec, run: RunDir) -> list[str]:
     prune = run.student_init / PRUNE_INFO_FILE
     if spec.student.init == "prune_from_teacher" and prune.exists():
         info = json.loads(prune.read_text())
-        how = " (depth pruning" + (", layers chosen by block influence on the teacher's text)" if info.get("selection") else ")")
+        method = (info.get("selection") or {}).get("method", "block_influence").replace("_", " ")
+        how = " (depth pruning" + (f", layers chosen by {method} on the teacher's text)" if info.get("selection") else ")")
         out.append(f"- **Initialization:** the teacher's layers {info['kept_layers']} of {info['teacher_layers']}{how}"
                    + (", input embeddings frozen" if spec.student.freeze_embeddings else ""))
     else:

@@ -1,11 +1,11 @@
-"""student.layers 'auto': each teacher layer's block influence, the choice, and the record of both (no Ray)."""
+"""student.layers 'auto': each teacher layer's block influence or drop-one NLL, the choice, and the record of both (no Ray)."""
 
 import json
 
 import pytest
 import torch
 
-from raydistill.distill.init import PRUNE_INFO_FILE, block_influence, choose_layers, prepare_student
+from raydistill.distill.init import PRUNE_INFO_FILE, block_influence, choose_layers, drop_one_nll, prepare_student
 from raydistill.jobs.rundir import RunDir
 from raydistill.models import build_tiny_tokenizer
 from raydistill.spec import StudentSpec
@@ -139,3 +139,91 @@ def test_calibration_rows_are_the_first_training_rows_by_id(tmp_path):
     write_signal_meta(tmp_path, {"logprob_scale": 16})
     assert calibration_sequences(tmp_path, 2) == [[1, 5], [1, 7, 8]]
     assert calibration_sequences(tmp_path, 10) == [[1, 5], [1, 7, 8], [1, 9, 9, 9]]
+
+
+def _nll(model, sequences) -> float:
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids in sequences:
+            if len(ids) < 2:
+                continue
+            logp = model(input_ids=torch.tensor([ids])).logits[0, :-1].double().log_softmax(-1)
+            total -= logp.gather(-1, torch.tensor(ids[1:])[:, None]).sum().item()
+            count += len(ids) - 1
+    return total / count
+
+
+def test_drop_one_is_the_nll_of_the_model_built_without_that_layer():
+    """Against a model built with one layer fewer and the teacher's other weights (no layer surgery in place)."""
+    from transformers import LlamaForCausalLM
+
+    model = _llama(3, seed=2)
+    scores = drop_one_nll(model, SEQUENCES)
+    for drop in range(3):
+        keep = [i for i in range(3) if i != drop]
+        config = model.config.to_dict() | {"num_hidden_layers": 2}
+        smaller = LlamaForCausalLM(type(model.config).from_dict(config))
+        state = {k: v for k, v in model.state_dict().items() if ".layers." not in k}
+        for new, old in enumerate(keep):
+            prefix = f"model.layers.{old}."
+            state |= {k.replace(prefix, f"model.layers.{new}."): v for k, v in model.state_dict().items() if k.startswith(prefix)}
+        smaller.load_state_dict(state)
+        assert scores[drop] == pytest.approx(_nll(smaller.eval(), SEQUENCES), rel=1e-9)
+    # The model is whole again afterwards.
+    assert len(model.model.layers) == 3 and model.config.num_hidden_layers == 3
+    assert _nll(model, SEQUENCES) != pytest.approx(scores[0], rel=1e-6)
+
+
+@pytest.mark.parametrize("silent", [0, 2])
+def test_drop_one_scores_a_layer_that_changes_nothing_at_the_full_models_nll(silent):
+    model = _llama(4, seed=3)
+    _silence(model, silent)
+    scores = drop_one_nll(model, SEQUENCES)
+    # Removing a layer that writes nothing leaves the model's function, so its score is the full model's NLL
+    # (on random weights another layer's removal may even lower the NLL, so no ranking is asserted).
+    assert scores[silent] == pytest.approx(_nll(model, SEQUENCES), rel=1e-9)
+    assert all(abs(s - scores[silent]) > 1e-6 for i, s in enumerate(scores) if i != silent)
+    with pytest.raises(ValueError, match="calibration sequence"):
+        drop_one_nll(model, [[4]])
+
+
+def test_drop_one_cuts_and_restores_a_config_with_per_layer_attention_types():
+    """Gemma 3 keeps a per-layer list of attention types (sliding or full) that the forward pass reads by position."""
+    from transformers import Gemma3TextConfig, Gemma3ForCausalLM
+
+    config = Gemma3TextConfig(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=2,
+                              num_key_value_heads=1, head_dim=32, max_position_embeddings=128, sliding_window=4,
+                              layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"])
+    torch.manual_seed(4)
+    model = Gemma3ForCausalLM(config)
+    _silence(model, 1)
+    types = list(model.config.layer_types)
+    scores = drop_one_nll(model, SEQUENCES)
+    assert model.config.layer_types == types and len(model.model.layers) == 4
+    assert scores[1] == pytest.approx(_nll(model, SEQUENCES), rel=1e-9)
+    assert all(abs(s - scores[1]) > 1e-6 for i, s in enumerate(scores) if i != 1)
+
+
+def test_auto_layers_by_drop_one_are_recorded_with_their_method(tmp_path):
+    teacher = tmp_path / "teacher"
+    model = _llama(4)
+    _silence(model, 2)
+    model.save_pretrained(teacher, safe_serialization=True)
+    build_tiny_tokenizer().save_pretrained(teacher)
+    run = RunDir.of(str(tmp_path / "run"))
+    spec = StudentSpec(init="prune_from_teacher", layers="auto", num_layers=3, calibration_rows=2, layer_scoring="drop_one")
+    prepare_student(spec, str(teacher), None, run, lambda rows: SEQUENCES[:rows])
+    info = json.loads((run.student_init / PRUNE_INFO_FILE).read_text())
+    scores = info["selection"]["scores"]
+    assert info["selection"]["method"] == "drop_one" and len(scores) == 4
+    assert info["kept_layers"] == choose_layers(scores, 3)
+    assert scores[2] == pytest.approx(_nll(model, SEQUENCES[:2]), abs=2e-6)  # rounded to 6 places in the record
+
+
+def test_layer_scoring_is_only_for_auto():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="layer_scoring: only used with layers 'auto'"):
+        StudentSpec(init="prune_from_teacher", layers=[0, 1], layer_scoring="drop_one")
+    with pytest.raises(ValidationError, match="layer_scoring"):
+        StudentSpec(init="prune_from_teacher", layers="auto", num_layers=2, layer_scoring="random")
