@@ -168,7 +168,7 @@ def test_drop_one_is_the_nll_of_the_model_built_without_that_layer():
             prefix = f"model.layers.{old}."
             state |= {k.replace(prefix, f"model.layers.{new}."): v for k, v in model.state_dict().items() if k.startswith(prefix)}
         smaller.load_state_dict(state)
-        assert scores[drop] == pytest.approx(_nll(smaller.eval(), SEQUENCES), rel=1e-9)
+        assert scores[drop] == pytest.approx(_nll(smaller.eval(), SEQUENCES), rel=1e-6)  # float32 log-softmax over a right-padded batch
     # The model is whole again afterwards.
     assert len(model.model.layers) == 3 and model.config.num_hidden_layers == 3
     assert _nll(model, SEQUENCES) != pytest.approx(scores[0], rel=1e-6)
@@ -181,7 +181,7 @@ def test_drop_one_scores_a_layer_that_changes_nothing_at_the_full_models_nll(sil
     scores = drop_one_nll(model, SEQUENCES)
     # Removing a layer that writes nothing leaves the model's function, so its score is the full model's NLL
     # (on random weights another layer's removal may even lower the NLL, so no ranking is asserted).
-    assert scores[silent] == pytest.approx(_nll(model, SEQUENCES), rel=1e-9)
+    assert scores[silent] == pytest.approx(_nll(model, SEQUENCES), rel=1e-6)  # float32 log-softmax over a right-padded batch
     assert all(abs(s - scores[silent]) > 1e-6 for i, s in enumerate(scores) if i != silent)
     with pytest.raises(ValueError, match="calibration sequence"):
         drop_one_nll(model, [[4]])
@@ -200,7 +200,7 @@ def test_drop_one_cuts_and_restores_a_config_with_per_layer_attention_types():
     types = list(model.config.layer_types)
     scores = drop_one_nll(model, SEQUENCES)
     assert model.config.layer_types == types and len(model.model.layers) == 4
-    assert scores[1] == pytest.approx(_nll(model, SEQUENCES), rel=1e-9)
+    assert scores[1] == pytest.approx(_nll(model, SEQUENCES), rel=1e-6)  # float32 log-softmax over a right-padded batch
     assert all(abs(s - scores[1]) > 1e-6 for i, s in enumerate(scores) if i != 1)
 
 
