@@ -218,6 +218,19 @@ def distinct_ngram_fraction(texts: list[str], n: int = 4) -> float | None:
     return sum(fractions) / len(fractions) if fractions else None
 
 
+def repeats_prompt(prompt: str, response: str, n: int = 6) -> bool:
+    """Whether ``response`` contains ``n`` consecutive words of ``prompt``: a base-model teacher given an
+    instruction tends to echo it instead of answering, and a student distilled on that learns the echo."""
+    words = prompt.split()
+    return any(" ".join(words[i:i + n]) in response for i in range(len(words) - n + 1))
+
+
+def prompt_repeat_figures(prompts: list[str], responses: list[str]) -> dict:
+    """How many of the held-out teacher responses repeat their prompt (``repeats_prompt``)."""
+    count = sum(repeats_prompt(p or "", r or "") for p, r in zip(prompts, responses))
+    return {"teacher_prompt_repeats": count, "teacher_prompt_repeat_fraction": count / len(prompts) if prompts else None}
+
+
 def repetition_figures(side_by_side: list[dict]) -> dict:
     """Both models' distinct-4-gram fraction on their greedy side-by-side answers, and the student's over the teacher's."""
     student = distinct_ngram_fraction([item["student"] for item in side_by_side])
@@ -254,6 +267,8 @@ def write_markdown(report: dict, path: Path) -> None:
         f"- **Top-1 agreement**: the student's most likely token is the teacher's most likely token at {report['top1_agreement']:.1%} of positions.",
         f"- **KL to the teacher**: {report['kl_to_teacher']:.4f} nats/token (forward KL over the teacher's top-k plus a tail bucket; 0 means the same distribution).",
         f"- **Perplexity ratio** (student / teacher): {report['ppl_ratio']:.2f}." if "ppl_ratio" in report else "",
+        (f"- **Teacher responses that repeat their prompt** (6 words of it or more): {report['teacher_prompt_repeats']} of "
+         f"{report['eval_sequences']}." if report.get("teacher_prompt_repeats") is not None else ""),
         *_own_sample_lines(report.get("own_samples")),
         "",
         *_group_lines(report),

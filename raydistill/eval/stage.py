@@ -190,9 +190,12 @@ def run_eval_stage(
     report["student"].update(model_size(student_path))
     report["teacher"].update(model_size(teacher_path))
 
-    table = load_signals(signals_dir, columns=["prompt", "split", "input_ids", "target_start"])
+    table = load_signals(signals_dir, columns=["prompt", "response", "split", "input_ids", "target_start"])
     table = table.filter(pc.equal(table["split"], "eval"))
     prompts = table["prompt"].to_pylist()
+    from raydistill.eval.report import prompt_repeat_figures
+
+    report.update(prompt_repeat_figures(prompts, table["response"].to_pylist()))
     prompt_ids = [ids[: max(start, 1)] for ids, start in zip(table["input_ids"].to_pylist()[: eval_spec.own_samples], table["target_start"].to_pylist())]
     if eval_spec.measure_speed or eval_spec.side_by_side or eval_spec.own_samples:
         figures = generation_figures(eval_spec, student_path, teacher_path, prompts, prompt_ids, engine_args, engine_env)

@@ -128,11 +128,21 @@ def test_eval_stage_scores_student_and_teacher(tiny_run, train_run, tiny_spec, m
     rep = repetition_figures(report["side_by_side"])
     assert (report["student"]["distinct4"], report["teacher"]["distinct4"], report.get("distinct4_ratio")) == \
         (rep["student_distinct4"], rep["teacher_distinct4"], rep["distinct4_ratio"])
+    # The held-out teacher responses that echo their prompt, recounted from the signals.
+    import pyarrow.compute as pc
+
+    from raydistill.data.signals import load_signals
+    from raydistill.eval.report import prompt_repeat_figures
+
+    held = load_signals(Path(out["report"]).parent.parent / "signals", columns=["prompt", "response", "split"])
+    held = held.filter(pc.equal(held["split"], "eval"))
+    assert report["teacher_prompt_repeats"] == prompt_repeat_figures(held["prompt"].to_pylist(), held["response"].to_pylist())["teacher_prompt_repeats"]
     eval_dir = Path(out["report"]).parent
     for png in ("loss_curve.png", "comparison.png"):
         assert (eval_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (eval_dir / "report.md").read_text()
     assert "Top-1 agreement" in md and "![training loss](loss_curve.png)" in md and report["side_by_side"][0]["prompt"] in md
+    assert f"**Teacher responses that repeat their prompt** (6 words of it or more): {report['teacher_prompt_repeats']} of" in md
     # configs/tiny.yaml names the teacher's dtype, and the report's engines run what it names.
     for who in ("student", "teacher"):
         assert (out["engine_dtype"][who]["dtype"], out["engine_dtype"][who]["source"]) == ("float32", "explicit")
