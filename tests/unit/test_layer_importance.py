@@ -28,6 +28,16 @@ def _silence(model, layer: int):
         block.mlp.down_proj.weight.zero_()
 
 
+def _saved_teacher(tmp_path, silent: int):
+    """A 4-layer teacher with layer ``silent`` made a no-op, saved with the tiny tokenizer; (its directory, the model)."""
+    teacher = tmp_path / "teacher"
+    model = _llama(4)
+    _silence(model, silent)
+    model.save_pretrained(teacher, safe_serialization=True)
+    build_tiny_tokenizer().save_pretrained(teacher)
+    return teacher, model
+
+
 SEQUENCES = [[1, 5, 9, 200, 33, 7, 81], [2, 400, 12, 12, 90], [3]]  # the 1-token one has no transition to measure
 
 
@@ -76,11 +86,7 @@ def test_choose_layers_keeps_the_highest_in_order_and_checks_the_count():
 def test_auto_layers_are_measured_recorded_and_reused(tmp_path, monkeypatch):
     import raydistill.distill.init as init
 
-    teacher = tmp_path / "teacher"
-    model = _llama(4)
-    _silence(model, 1)
-    model.save_pretrained(teacher, safe_serialization=True)
-    build_tiny_tokenizer().save_pretrained(teacher)
+    teacher, _ = _saved_teacher(tmp_path, silent=1)
     run = RunDir.of(str(tmp_path / "run"))
     spec = StudentSpec(init="prune_from_teacher", layers="auto", num_layers=3, calibration_rows=2)
     asked = []
@@ -205,11 +211,7 @@ def test_drop_one_cuts_and_restores_a_config_with_per_layer_attention_types():
 
 
 def test_auto_layers_by_drop_one_are_recorded_with_their_method(tmp_path):
-    teacher = tmp_path / "teacher"
-    model = _llama(4)
-    _silence(model, 2)
-    model.save_pretrained(teacher, safe_serialization=True)
-    build_tiny_tokenizer().save_pretrained(teacher)
+    teacher, model = _saved_teacher(tmp_path, silent=2)
     run = RunDir.of(str(tmp_path / "run"))
     spec = StudentSpec(init="prune_from_teacher", layers="auto", num_layers=3, calibration_rows=2, layer_scoring="drop_one")
     prepare_student(spec, str(teacher), None, run, lambda rows: SEQUENCES[:rows])
