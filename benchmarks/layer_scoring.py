@@ -41,22 +41,11 @@ def heldout_nll(model, rows: list[tuple[list[int], int]]) -> float:
     return total / count
 
 
-def with_layers(model, keep: list[int], fn):
-    """``fn(model)`` with only the decoder layers ``keep``, cut in memory and restored afterwards."""
-    import torch
+def _pruned_ppl(model, layers: list[int], heldout) -> float:
+    from raydistill.distill.init import only_layers
 
-    decoder = model.get_decoder()
-    layers, config = decoder.layers, model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    n, types = config.num_hidden_layers, getattr(config, "layer_types", None)
-    decoder.layers, config.num_hidden_layers = torch.nn.ModuleList([layers[i] for i in keep]), len(keep)
-    if types is not None:
-        config.layer_types = [types[i] for i in keep]
-    try:
-        return fn(model)
-    finally:
-        decoder.layers, config.num_hidden_layers = layers, n
-        if types is not None:
-            config.layer_types = types
+    with only_layers(model, layers):
+        return math.exp(heldout_nll(model, heldout))
 
 
 def main() -> int:
@@ -96,12 +85,12 @@ def main() -> int:
         row = {"keep": k}
         for method in LAYER_SCORES:
             layers = choose_layers(scores[method], k)
-            row[method] = {"layers": layers, "perplexity": math.exp(with_layers(model, layers, lambda m: heldout_nll(m, heldout)))}
+            row[method] = {"layers": layers, "perplexity": _pruned_ppl(model, layers, heldout)}
         rows.append(row)
     hand = None
     if args.hand:
         layers = [int(x) for x in args.hand.split(",")]
-        hand = {"layers": layers, "perplexity": math.exp(with_layers(model, layers, lambda m: heldout_nll(m, heldout)))}
+        hand = {"layers": layers, "perplexity": _pruned_ppl(model, layers, heldout)}
 
     print(f"teacher {args.teacher}: held-out perplexity {full:.2f} on {len(heldout)} rows; "
           f"scoring on {len(calibration)} calibration rows took " + ", ".join(f"{m} {s} s" for m, s in seconds.items()))

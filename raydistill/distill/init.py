@@ -13,6 +13,7 @@ import json
 import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -163,6 +164,29 @@ def _batch_nll_sum(model, sequences: list[list[int]]) -> float:
     return (nll.double() * mask[:, 1:]).sum().item()
 
 
+@contextmanager
+def only_layers(model, keep: list[int]):
+    """``model`` with only its decoder layers ``keep``, cut in memory (no copy) and restored on exit.
+
+    The decoders index per-layer lists of the config (attention type, sliding window) by position
+    in ``layers``, so the config is cut the same way for the forward passes inside."""
+    import torch
+
+    decoder = model.get_decoder()
+    layers = decoder.layers
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    n, layer_types = config.num_hidden_layers, getattr(config, "layer_types", None)
+    decoder.layers, config.num_hidden_layers = torch.nn.ModuleList([layers[i] for i in keep]), len(keep)
+    if layer_types is not None:
+        config.layer_types = [layer_types[i] for i in keep]
+    try:
+        yield model
+    finally:
+        decoder.layers, config.num_hidden_layers = layers, n
+        if layer_types is not None:
+            config.layer_types = layer_types
+
+
 def drop_one_nll(model, sequences: list[list[int]], batch_size: int = 4) -> list[float]:
     """Each decoder layer's depth importance (Minitron, Muralidharan et al. 2024) on ``sequences``.
 
@@ -174,34 +198,18 @@ def drop_one_nll(model, sequences: list[list[int]], batch_size: int = 4) -> list
     """
     import torch
 
-    decoder = model.get_decoder()
-    layers = decoder.layers
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    n, layer_types = config.num_hidden_layers, getattr(config, "layer_types", None)
+    n = config.num_hidden_layers
     sequences = [ids for ids in sequences if len(ids) >= 2]
     if not sequences:
         raise ValueError("layer scoring needs at least one calibration sequence of 2 or more tokens")
+    count = sum(len(ids) - 1 for ids in sequences)
     scores = []
     model.eval()
-    try:
-        for drop in range(n):
-            keep = [i for i in range(n) if i != drop]
-            # The decoders index per-layer lists of the config (attention type, sliding window) by position
-            # in `layers`, so the config is cut the same way for the forward pass.
-            decoder.layers = torch.nn.ModuleList([layers[i] for i in keep])
-            config.num_hidden_layers = n - 1
-            if layer_types is not None:
-                config.layer_types = [layer_types[i] for i in keep]
-            total, count = 0.0, 0
-            with torch.no_grad():
-                for start in range(0, len(sequences), batch_size):
-                    total += _batch_nll_sum(model, sequences[start:start + batch_size])
-            count = sum(len(ids) - 1 for ids in sequences)
-            scores.append(total / count)
-    finally:
-        decoder.layers, config.num_hidden_layers = layers, n
-        if layer_types is not None:
-            config.layer_types = layer_types
+    for drop in range(n):
+        with only_layers(model, [i for i in range(n) if i != drop]), torch.no_grad():
+            total = sum(_batch_nll_sum(model, sequences[start:start + batch_size]) for start in range(0, len(sequences), batch_size))
+        scores.append(total / count)
     return scores
 
 
