@@ -42,7 +42,9 @@ def test_domain_routed_teachers_under_a_killed_and_resumed_ddk_loop(tmp_path, fr
     run_dir = tmp_path / "run"
     sets = [f"runtime.run_dir={run_dir}", f"serve.port={free_port}", f"data.path={corpus}", "teacher=null", f"teachers={TEACHERS}",
             "teacher_pass.routing=domain", "teacher_pass.sampling.max_tokens=12", "loop.rounds=2", "loop.policy=[ddk, expand]",
-            "loop.ddk.temperature=0.05", "loop.expand.seeds=4", "loop.expand.per_seed=2", "loop.expand.shots=3", "loop.expand.max_tokens=12"]
+            "loop.ddk.temperature=0.05", "loop.expand.seeds=4", "loop.expand.per_seed=2", "loop.expand.shots=3", "loop.expand.max_tokens=12",
+            # One trainer process per round: the loop is under test here, ZeRO's multi-worker training and resume elsewhere.
+            "train.workers=1", "train.zero_stage=0"]
     args = [x for s in sets for x in ("--set", s)]
 
     # validate names the unknown domain, and where it is, before anything runs
