@@ -87,6 +87,14 @@ bound as the top-k (within ``1 / scale`` nats of the engine's), and where the ac
 top k it decodes to exactly the value stored for that entry. 65535 marks a missing value (NaN).
 Offsets beyond 65534 steps (a log-prob of -inf) are clipped there.
 
+**Schema version 6** stores the same column with the offset plus ``TARGET_STEP_BIAS`` (256 steps,
+16 nats): ``round((lp_0 - target) * scale) + 256``. A single teacher's target is never above its
+top-1, but a mixture's can be: ``target_logprob`` mixes every teacher's exact log-prob of the
+token, while the stored top-k leaves out a teacher's mass on a token outside its own top k, so the
+exact target can exceed the union's top-1 (by at most log of the number of teachers). Version 5
+clipped such offsets at 0, decoding the target as the top-1 (0.16 nats low, seen in a two-teacher
+run). Version 5 shards still read, with no bias (``target_step_bias``).
+
 ``SIGNAL_SCHEMA`` stays the columns every readable version has, and what the readers return by
 default; ask for ``target_logprob`` by name (``load_signals(d, columns=[..., "target_logprob"])``).
 Versions 2-4 do not store it: there the readers fill it from the top k where the actual token is
@@ -103,8 +111,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-SCHEMA_VERSION = 5
-READABLE_SCHEMA_VERSIONS = (2, 3, 4, 5)
+SCHEMA_VERSION = 6
+READABLE_SCHEMA_VERSIONS = (2, 3, 4, 5, 6)
 META_FILE = "_signals.json"
 LOGPROB_SCALE = 16
 PARQUET_COMPRESSION = "zstd"
@@ -140,6 +148,14 @@ STORED_SCHEMA = pa.schema(
 STORED_TARGET_FIELD = pa.field("target_logprob_step", pa.list_(pa.uint16()))
 FULL_STORED_SCHEMA = pa.schema(list(STORED_SCHEMA) + [STORED_TARGET_FIELD])
 _TARGET_MISSING = np.iinfo(np.uint16).max
+# v6: the target's offset is stored plus this many steps (16 nats at scale 16), so a target above the
+# stored top-1 keeps its value (a mixture's; see the module docstring). v5 stored it with none.
+TARGET_STEP_BIAS = 256
+
+
+def target_step_bias(meta: dict) -> int:
+    """The ``target_logprob_step`` bias of a signals directory with this metadata (0 before v6)."""
+    return TARGET_STEP_BIAS if meta["schema_version"] >= 6 else 0
 
 
 def _leaf_path(field: pa.Field) -> str:
@@ -277,8 +293,9 @@ def _map_nested(column, fn) -> pa.ListArray:
     return pa.ListArray.from_arrays(outer, pa.ListArray.from_arrays(inner, pa.array(fn(values).astype(np.int32))))
 
 
-def encode_signals(table: pa.Table, scale: int = LOGPROB_SCALE, id_order=()) -> pa.Table:
-    """``SIGNAL_SCHEMA`` table -> ``STORED_SCHEMA`` table (the on-disk form); ``id_order`` as in the metadata."""
+def encode_signals(table: pa.Table, scale: int = LOGPROB_SCALE, id_order=(), target_bias: int = TARGET_STEP_BIAS) -> pa.Table:
+    """``SIGNAL_SCHEMA`` table -> ``STORED_SCHEMA`` table (the on-disk form); ``id_order`` as in the metadata,
+    ``target_bias`` the directory's ``target_step_bias`` (rows added to an older directory use its own)."""
     outer, inner, lp = _nested_values(table["topk_logprobs"])
     lens = np.diff(inner.to_numpy())
     k = int(lens.max()) if len(lens) else 0
@@ -298,7 +315,7 @@ def encode_signals(table: pa.Table, scale: int = LOGPROB_SCALE, id_order=()) -> 
     if has_target:
         target = _per_position(table[TARGET_LOGPROB_FIELD.name], outer)
         with np.errstate(invalid="ignore"):
-            q_t = np.clip(np.rint((lp[:, 0] - target) * scale), 0, _TARGET_MISSING - 1) if k else np.zeros(0)
+            q_t = np.clip(np.rint((lp[:, 0] - target) * scale) + target_bias, 0, _TARGET_MISSING - 1) if k else np.zeros(0)
         target_steps = np.where(np.isnan(q_t), _TARGET_MISSING, q_t).astype(np.uint16)
     stored = table.drop_columns(["topk_logprobs"] + ([TARGET_LOGPROB_FIELD.name] if has_target else []))
     if len(id_order):
@@ -329,7 +346,7 @@ def _per_position(column, outer: pa.Array) -> np.ndarray:
     return out
 
 
-def decode_signals(table: pa.Table, scale: int = LOGPROB_SCALE, id_order=()) -> pa.Table:
+def decode_signals(table: pa.Table, scale: int = LOGPROB_SCALE, id_order=(), target_bias: int = TARGET_STEP_BIAS) -> pa.Table:
     """``STORED_SCHEMA`` table (or a column subset) -> ``SIGNAL_SCHEMA`` columns; the readers' inverse of ``encode_signals``."""
     if len(id_order) and "topk_ids" in table.column_names:
         table = table.set_column(table.schema.get_field_index("topk_ids"), "topk_ids", _map_nested(table["topk_ids"], lambda v: codes_to_ids(v, id_order)))
@@ -351,7 +368,7 @@ def decode_signals(table: pa.Table, scale: int = LOGPROB_SCALE, id_order=()) -> 
     out = table.drop_columns([anchor, "topk_logprob_steps"]).append_column("topk_logprobs", lists)
     if STORED_TARGET_FIELD.name in out.column_names:
         q_t = _nested_single(out[STORED_TARGET_FIELD.name]).astype(np.float64)
-        target = np.where(q_t == _TARGET_MISSING, np.nan, lp[:, 0] - q_t / scale) if n_pos else np.zeros(0)
+        target = np.where(q_t == _TARGET_MISSING, np.nan, lp[:, 0] - (q_t - target_bias) / scale) if n_pos else np.zeros(0)
         out = out.drop_columns([STORED_TARGET_FIELD.name]).append_column(TARGET_LOGPROB_FIELD.name, pa.ListArray.from_arrays(outer, pa.array(target.astype(np.float32))))
     return out.select([c for c in FULL_SIGNAL_COLUMNS + ROUTING_COLUMNS if c in out.column_names])
 
@@ -404,7 +421,7 @@ def _stored_columns(columns: list[str], schema_version: int, stored_target: bool
 
 def _decode_columns(table: pa.Table, columns: list[str], meta: dict) -> pa.Table:
     """Decode a table read with ``_stored_columns(columns, ...)`` and return exactly ``columns`` (in schema order)."""
-    out = decode_signals(table, meta["logprob_scale"], meta.get("topk_id_order", ()))
+    out = decode_signals(table, meta["logprob_scale"], meta.get("topk_id_order", ()), target_step_bias(meta))
     if TARGET_LOGPROB_FIELD.name in columns and TARGET_LOGPROB_FIELD.name not in out.column_names:
         out = out.append_column(TARGET_LOGPROB_FIELD.name, target_logprob_from_topk(out))
     return out.select([c for c in FULL_SIGNAL_COLUMNS + ROUTING_COLUMNS if c in columns])
@@ -448,7 +465,7 @@ def read_signals(signals_dir: str | Path, split: str | None = None, extra_column
     ds = ray.data.read_parquet(shard_files(signals_dir), columns=_stored_columns(list(SIGNAL_COLUMNS) + list(extra_columns), meta["schema_version"], False))
     if split is not None:
         ds = ds.filter(expr=f"split == '{split}'")
-    return ds.map_batches(decode_signals, fn_kwargs={"scale": meta["logprob_scale"], "id_order": meta.get("topk_id_order", ())}, batch_format="pyarrow")
+    return ds.map_batches(decode_signals, fn_kwargs={"scale": meta["logprob_scale"], "id_order": meta.get("topk_id_order", ()), "target_bias": target_step_bias(meta)}, batch_format="pyarrow")
 
 
 def stable_split(example_id: str, eval_fraction: float) -> str:

@@ -158,7 +158,7 @@ def write_round_signals(signals_dir: Path, ids: list[str], out_dir: Path, new_di
 
 
 def _with_new_rows(table: pa.Table, signals_dir: Path, new_dir: Path, labels: dict[str, tuple[str, int]]) -> pa.Table:
-    from raydistill.data.signals import FULL_SIGNAL_COLUMNS, encode_signals, read_signal_meta
+    from raydistill.data.signals import FULL_SIGNAL_COLUMNS, encode_signals, read_signal_meta, target_step_bias
 
     meta, new_meta = read_signal_meta(signals_dir), read_signal_meta(new_dir)
     if meta.get("tokenizer_fingerprint") != new_meta.get("tokenizer_fingerprint"):
@@ -168,7 +168,7 @@ def _with_new_rows(table: pa.Table, signals_dir: Path, new_dir: Path, labels: di
     new = load_signals(new_dir, columns, ids=sorted(labels))
     new = new.append_column("parent_id", pa.array([labels[i][0] for i in new["id"].to_pylist()], pa.string()))
     new = new.append_column("round", pa.array([labels[i][1] for i in new["id"].to_pylist()], pa.int32()))
-    stored = encode_signals(new, meta["logprob_scale"], meta.get("topk_id_order", ()))
+    stored = encode_signals(new, meta["logprob_scale"], meta.get("topk_id_order", ()), target_step_bias(meta))
     if "target_logprob_step" not in table.column_names:
         stored = stored.drop_columns(["target_logprob_step"])
     return pa.concat_tables([table, stored], promote_options="permissive")

@@ -122,3 +122,23 @@ def test_corpus_domains_without_a_teacher_are_named_with_their_line(tmp_path):
         f"data.domain_field: d 'z' (first at {corpus}:2) has no teacher; list it in some teachers[].domains"]
     teachers.append(TeacherEntry(name="two", model="tiny:teacher", domains=["z"]))
     assert corpus_domain_errors(data, teachers) == []
+
+
+def test_a_mixture_target_above_its_top1_is_stored_as_it_is(tmp_path):
+    """Token 0 is teacher a's top-1 (0.3) and outside teacher b's top 3 (0.2 there): the union lists it at
+    0.5 * 0.3 = 0.15, its exact mixture probability is 0.25, above every stored top-k entry."""
+    def teacher(probs: list[float]) -> pa.Table:
+        p = np.array(probs + [(1 - sum(probs)) / (12 - len(probs))] * (12 - len(probs)))
+        top = np.argsort(-p, kind="stable")[:K]
+        return pa.table({"id": ["a"], "split": ["train"], "input_ids": [[1, 5, 7, 0]], "target_start": [3], "topk_ids": [[top.tolist()]],
+                         "topk_logprobs": [[np.log(p[top]).tolist()]], "prompt": ["p"], "response": ["r"], "target_logprob": [[float(np.log(p[0]))]]},
+                        schema=FULL_SIGNAL_SCHEMA)
+
+    a = teacher([0.3, 0.2, 0.2])
+    b = teacher([0.2, 0.0, 0.0, 0.25, 0.25, 0.25])
+    out = tmp_path / "mixed"
+    write_signal_meta(out, {"logprob_scale": 16, "teacher": "t"})
+    mix_signal_dirs([_write_dir(tmp_path / "a", a), _write_dir(tmp_path / "b", b)], ["one", "two"], [1.0, 1.0], str(out))
+    stored = load_signals(out, FULL_SIGNAL_COLUMNS).to_pylist()[0]
+    assert max(stored["topk_logprobs"][0]) < np.log(0.25) - 0.4
+    np.testing.assert_allclose(stored["target_logprob"], [np.log(0.25)], atol=1.5 / 16)

@@ -285,7 +285,7 @@ def test_readers_return_the_v4_columns_unless_target_logprob_is_asked_for_and_fi
     v5, v4 = tmp_path / "v5", tmp_path / "v4"
     for d, t, version in ((v5, table, 5), (v4, table.drop_columns(["target_logprob"]), 4)):
         d.mkdir()
-        pq.write_table(encode_signals(t), d / "part-0.parquet", **PARQUET_WRITE_ARGS)
+        pq.write_table(encode_signals(t, target_bias=0), d / "part-0.parquet", **PARQUET_WRITE_ARGS)  # as v5 wrote them
         write_signal_meta(d, {"logprob_scale": 16})
         meta = json.loads((d / "_signals.json").read_text())
         (d / "_signals.json").write_text(json.dumps({**meta, "schema_version": version}))
@@ -304,6 +304,28 @@ def test_readers_return_the_v4_columns_unless_target_logprob_is_asked_for_and_fi
             else:  # ...and is NaN where they do not
                 assert np.isnan(lp)
     assert any(np.isnan(x) for r in got4 for x in r["target_logprob"]) and any(not np.isnan(x) for r in got4 for x in r["target_logprob"])
+    # The v5 shards read with no bias: the same values as the engine's, within a step.
+    for row, orig in zip(got5["target_logprob"].to_pylist(), table["target_logprob"].to_pylist()):
+        np.testing.assert_allclose(row, orig, atol=1 / 16 + 1e-5)
+
+
+def test_a_target_above_the_stored_top1_keeps_its_value(tmp_path):
+    """A mixture's exact target log-prob can exceed its top-k's top-1 (a teacher's mass on a token outside its
+    own top k is left out of the top-k, not of the target). v5 clipped it to the top-1; v6 keeps it."""
+    import pyarrow.parquet as pq
+
+    from raydistill.data.signals import FULL_SIGNAL_SCHEMA, PARQUET_WRITE_ARGS, SCHEMA_VERSION, load_signals
+
+    row = {"id": "a", "split": "train", "input_ids": [1, 5, 6, 7], "target_start": 1, "topk_ids": [[5, 6], [6, 5], [7, 5]],
+           "topk_logprobs": [[-1.0, -3.0], [-0.2, -2.0], [-0.3, -1.5]], "prompt": "p", "response": "r",
+           "target_logprob": [-0.84, -0.2, -9.0]}  # the first 0.16 nats above the top-1, as in a two-teacher run
+    table = pa.Table.from_pylist([row]).select(FULL_SIGNAL_SCHEMA.names).cast(FULL_SIGNAL_SCHEMA)
+    back = decode_signals(encode_signals(table))["target_logprob"].to_pylist()[0]
+    np.testing.assert_allclose(back, row["target_logprob"], atol=1 / 16)
+    assert SCHEMA_VERSION >= 6
+    pq.write_table(encode_signals(table), tmp_path / "part-0.parquet", **PARQUET_WRITE_ARGS)
+    write_signal_meta(tmp_path, {"logprob_scale": 16})  # the current version, as every writer stamps it
+    np.testing.assert_allclose(load_signals(tmp_path, ["target_logprob"])["target_logprob"].to_pylist()[0], row["target_logprob"], atol=1 / 16)
 
 
 def test_masked_entries_of_a_mixture_round_trip_as_no_token():
