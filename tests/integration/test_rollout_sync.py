@@ -179,7 +179,8 @@ torch.manual_seed(0)
 train = TrainSpec(workers=2, zero_stage=stage, micro_batch_size=1, max_steps=2, lr=1e-2, lr_schedule="constant",
                   max_seq_len=64, loss_chunk_tokens=16)
 distill = DistillSpec(ce_weight=1.0)
-inputs = TrainInputs(train=train, distill=distill, student_path=student, total_steps=2, ds_config=deepspeed_config(train, 2))
+inputs = TrainInputs(train=train, distill=distill, student_path=student, total_steps=2, ds_config=deepspeed_config(train, 2),
+                     freeze_embeddings=sys.argv[5] == "freeze")
 engine = build_engine(build_model(inputs), inputs)
 vocab = engine.module.config.vocab_size
 g = torch.Generator().manual_seed(rank)
@@ -203,13 +204,14 @@ dist.destroy_process_group()
 """
 
 
-def _train_two_steps(tmp_path: Path, student: str, stage: int) -> tuple[dict, dict]:
+def _train_two_steps(tmp_path: Path, student: str, stage: int, freeze: bool) -> tuple[dict, dict]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     script = tmp_path / "trainer.py"
     script.write_text(_TRAINER)
-    procs = [subprocess.Popen([sys.executable, str(script), student, str(stage), str(tmp_path), str(FIXED_TEXT_SEED)], cwd=ROOT,
+    procs = [subprocess.Popen([sys.executable, str(script), student, str(stage), str(tmp_path), str(FIXED_TEXT_SEED),
+                              "freeze" if freeze else "train"], cwd=ROOT,
                               env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
                                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1"),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
@@ -221,15 +223,21 @@ def _train_two_steps(tmp_path: Path, student: str, stage: int) -> tuple[dict, di
     return load_file(tmp_path / "state.safetensors"), json.loads((tmp_path / "fixed.json").read_text())
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_zero_trained_weights_reach_the_engine_exactly(stage, engine, student, synced, tmp_path):
-    """The sync's gather (``full_state_dict``) from DeepSpeed ZeRO-2/3 training of two gloo ranks, through Ray, into the engine."""
+@pytest.mark.parametrize("stage,freeze", [(2, False), (3, False), (2, True)])
+def test_zero_trained_weights_reach_the_engine_exactly(stage, freeze, engine, student, synced, tmp_path):
+    """The sync's gather (``full_state_dict``) from DeepSpeed ZeRO-2/3 training of two gloo ranks, through Ray, into the engine.
+
+    With ``freeze_embeddings`` only the trained tensors travel; the engine keeps its (tied) embedding and LM head.
+    """
     import ray
     from transformers import AutoModelForCausalLM
 
     initial = {k: v.float() for k, v in AutoModelForCausalLM.from_pretrained(student[0], dtype=torch.float32).state_dict().items()}
     ray.get(engine.load_weights.remote(initial, 0))  # the same start for every case
-    state, fixed = _train_two_steps(tmp_path, student[0], stage)
+    state, fixed = _train_two_steps(tmp_path, student[0], stage, freeze)
+    embedding = "model.embed_tokens.weight"
+    assert "lm_head.weight" not in state  # tied: it travels as the embedding, once
+    assert (embedding not in state) == freeze and set(state) - {embedding} == set(initial) - {embedding, "lm_head.weight"}
     trainer = torch.tensor(fixed["trainer_logprobs"], dtype=torch.float64)
 
     stale = torch.tensor(ray.get(engine.prompt_logprobs.remote([fixed["tokens"]]))[0], dtype=torch.float64)
