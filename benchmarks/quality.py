@@ -31,7 +31,7 @@ Trained variants run ``--seeds`` times (train.seed and distill.on_policy.seed); 
 the mean and each seed's value.
 
     .venv/bin/python benchmarks/quality.py --json quality.json \\
-        [--spec configs/quickstart.yaml] [--signals runs/quickstart/signals] [--steps 40]
+        [--spec configs/quickstart.yaml] [--signals runs/quickstart/signals] [--steps 40] [--set KEY=VALUE ...]
 
 ``--signals`` reuses a finished teacher pass (for example the quickstart's); without it the
 teacher stage runs first into ``--out``.
@@ -134,6 +134,8 @@ def main() -> int:
     parser.add_argument("--auto-layers", action="store_true", help="also init and fkl with student.layers auto at the spec's layer count")
     parser.add_argument("--layer-scoring", choices=["block_influence", "drop_one"], default="block_influence",
                         help="--auto-layers: student.layer_scoring of the auto variants")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a spec override for every variant, as `raydistill run --set` (repeatable)")
     args = parser.parse_args()
 
     from raydistill.distill.init import PRUNE_INFO_FILE, kept_layers, prepare_student
@@ -145,7 +147,7 @@ def main() -> int:
     from raydistill.spec import load_spec
 
     # The own-sample reverse KL is a headline figure, so the eval samples even where the spec turns it off.
-    overrides = ["eval.measure_speed=false", "eval.side_by_side=0", f"eval.own_samples={args.own_samples}", f"runtime.run_dir={args.out}"]
+    overrides = [*args.overrides, "eval.measure_speed=false", "eval.side_by_side=0", f"eval.own_samples={args.own_samples}", f"runtime.run_dir={args.out}"]
     if args.steps:
         overrides.append(f"train.max_steps={args.steps}")
     spec = load_spec(args.spec, overrides)
