@@ -446,8 +446,9 @@ class _FusedLinearLoss(torch.autograd.Function):
     depend on Liger because it has no top-k + tail KD losses and no CPU path. Against
     checkpointing, which recomputes each chunk's logits in backward, it saves one [chunk, H] x
     [H, V] matmul per chunk, so it costs the naive loss's three, with the naive loss's O(N * V)
-    logits never held at once. Not for ZeRO-3, where each head call is a collective (see
-    ``chunked_distill_loss_sums``).
+    logits never held at once. Under ZeRO-3, where each head call is a collective (see
+    ``chunked_distill_loss_sums``), only for a frozen head whose weight the caller gathers around
+    the call: backward then needs nothing of the head.
     """
 
     @staticmethod
@@ -516,6 +517,7 @@ def chunked_distill_loss_sums(
     loss_params: dict[str, Any] | None = None,
     always_recompute: bool = False,
     target_logprob: torch.Tensor | None = None,
+    always_fuse: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sums over tokens of (total, kd, ce), computing logits ``chunk_tokens`` rows at a time.
 
@@ -528,9 +530,14 @@ def chunked_distill_loss_sums(
     checkpoints every chunk, a single one too: under ZeRO-3 every LM-head call is a collective
     (parameter gathering in forward, recompute and backward), so all ranks must call it the
     same way whatever their token counts, and the fused path's direct use of the weight would
-    bypass the gathering. ``target_logprob`` [N], when given, is sliced with the chunks and passed
-    to the loss (see ``distill_token_losses``).
+    bypass the gathering. ``always_fuse`` takes the fused path for every chunk count, a single
+    chunk too, so that nothing of the head is used after this call returns (the head must be an
+    ``nn.Linear``): for a frozen head that the caller gathers only around this call (ZeRO-3, see
+    ``raydistill.distill.train._zero3_frozen_head``). ``target_logprob`` [N], when given, is sliced
+    with the chunks and passed to the loss (see ``distill_token_losses``).
     """
+    if always_fuse and (always_recompute or type(lm_head) is not torch.nn.Linear):
+        raise ValueError("always_fuse needs a plain nn.Linear head and excludes always_recompute")
     args = (targets, topk_ids, topk_logprobs) + (() if target_logprob is None else (target_logprob,))
 
     def logit_sums(logits, t, ids, lp, tl=None):
@@ -540,7 +547,7 @@ def chunked_distill_loss_sums(
     def chunk_sums(h, *chunk_args):
         return logit_sums(lm_head(h), *chunk_args)
 
-    if hidden.shape[0] <= chunk_tokens and not always_recompute:
+    if hidden.shape[0] <= chunk_tokens and not (always_recompute or always_fuse):
         # One chunk: its logits are within the O(chunk * V) bound already, so keeping them for
         # backward costs no extra memory and saves recomputing the LM head (a third of its cost).
         return chunk_sums(hidden, *args)

@@ -251,11 +251,36 @@ def _zero3_balance_chunks(lm_head, n_extra: int, like: dict, distill: DistillSpe
     return 0.0 * total
 
 
+def _zero3_frozen_head(lm_head) -> bool:
+    """Whether the ZeRO-3 loss gathers the LM head itself: a plain ``nn.Linear`` head without trainable
+    parameters, i.e. one tied to frozen embeddings (``student.freeze_embeddings``).
+
+    The checkpointed per-chunk loss cannot use such a head: its backward failed with a
+    CheckpointError (the head weight recomputed with shape [0]). DeepSpeed keeps a frozen
+    parameter gathered through a checkpoint recompute only by charging it to the module whose
+    backward is running (``in_checkpoint_recompute`` in ``PartitionedParameterCoordinator
+    ._fetch_sub_module_impl``). Our recompute is started by the loss's own saved tensors, before
+    the head's pre-backward hook, so there is none, and the head's post-forward hook partitions the
+    weight at once (persistent or not: our trace never completes). A trainable weight survives
+    that only because ``torch.utils.checkpoint`` keeps a detached alias of a recomputed tensor that
+    requires grad, but keeps a frozen one as itself: the parameter that was just emptied.
+
+    Such a head is instead gathered once per micro-batch around the fused loss, which takes the
+    gradient with respect to the hidden states in the forward pass and needs nothing of the head
+    in backward. Every rank then gathers the head exactly once per micro-batch whatever its token
+    count, so no chunk balancing is needed either, and the arithmetic is ZeRO-0's fused path.
+    """
+    import torch
+
+    return type(lm_head) is torch.nn.Linear and not any(p.requires_grad for p in lm_head.parameters())
+
+
 def train_step(engine, micro: list[dict], distill: DistillSpec, chunk_tokens: int, world: int):
     """One optimizer step over ``grad_accum`` micro-batches.
 
     Returns (loss, kd, ce, global target tokens, grad norm before clipping or None).
     """
+    import deepspeed
     import torch
     import torch.distributed as dist
 
@@ -272,27 +297,35 @@ def train_step(engine, micro: list[dict], distill: DistillSpec, chunk_tokens: in
     model = engine.module
     grad_norm = None
     zero3 = engine.zero_optimization_stage() == 3
+    head = model.get_output_embeddings()
+    # A frozen head is gathered around the loss, once per micro-batch (see _zero3_frozen_head);
+    # every other ZeRO-3 head is a collective per chunk.
+    gather_head = zero3 and _zero3_frozen_head(head)
+    per_chunk = zero3 and not gather_head
     # Under ZeRO-3 the chunk counts are agreed before any LM-head call (see _zero3_extra_chunks).
-    extra_chunks = _zero3_extra_chunks(micro, chunk_tokens, device) if zero3 else None
+    extra_chunks = _zero3_extra_chunks(micro, chunk_tokens, device) if per_chunk else None
     for i, m in enumerate(micro):
         hidden = model.base_model(input_ids=m["input_ids"], attention_mask=m["attention_mask"]).last_hidden_state
         pos = m["pred_pos"]
-        total, kd, ce = chunked_distill_loss_sums(
-            hidden[pos[:, 0], pos[:, 1]],
-            model.get_output_embeddings(),
-            m["targets"],
-            m["topk_ids"],
-            m["topk_logprobs"],
-            loss=distill.loss,
-            ce_weight=distill.ce_weight,
-            temperature=distill.temperature,
-            chunk_tokens=chunk_tokens,
-            loss_params=loss_params(distill),
-            always_recompute=zero3,
-            target_logprob=m.get("target_logprob"),
-        )
+        with deepspeed.zero.GatheredParameters(list(head.parameters()), enabled=gather_head):
+            total, kd, ce = chunked_distill_loss_sums(
+                hidden[pos[:, 0], pos[:, 1]],
+                head,
+                m["targets"],
+                m["topk_ids"],
+                m["topk_logprobs"],
+                loss=distill.loss,
+                ce_weight=distill.ce_weight,
+                temperature=distill.temperature,
+                chunk_tokens=chunk_tokens,
+                loss_params=loss_params(distill),
+                always_recompute=per_chunk,
+                target_logprob=m.get("target_logprob"),
+                always_fuse=gather_head,
+            )
+        if per_chunk:
+            total = total + _zero3_balance_chunks(head, extra_chunks[i], m, distill, device)
         if zero3:
-            total = total + _zero3_balance_chunks(model.get_output_embeddings(), extra_chunks[i], m, distill, device)
             # A micro-batch without target tokens leaves the loss with no path back through the
             # base model, whose ZeRO-3 backward hooks are collectives too; a zero term keeps one.
             total = total + 0.0 * hidden.sum()

@@ -223,7 +223,7 @@ def _train_two_steps(tmp_path: Path, student: str, stage: int, freeze: bool) -> 
     return load_file(tmp_path / "state.safetensors"), json.loads((tmp_path / "fixed.json").read_text())
 
 
-@pytest.mark.parametrize("stage,freeze", [(2, False), (3, False), (2, True)])
+@pytest.mark.parametrize("stage,freeze", [(2, False), (3, False), (3, True)])
 def test_zero_trained_weights_reach_the_engine_exactly(stage, freeze, engine, student, synced, tmp_path):
     """The sync's gather (``full_state_dict``) from DeepSpeed ZeRO-2/3 training of two gloo ranks, through Ray, into the engine.
 

@@ -54,6 +54,22 @@ def signals_dir(tmp_path_factory, model_paths):
     return str(out)
 
 
+@pytest.fixture(scope="module")
+def tied_student(tmp_path_factory, model_paths):
+    """The tiny student's architecture with its LM head tied to the input embeddings (the tiny models' are untied)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(model_paths[1])
+    config.tie_word_embeddings = True
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    out = tmp_path_factory.mktemp("tied-student")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(model_paths[1]).save_pretrained(out)
+    return str(out)
+
+
 def _metrics(run_dir):
     return [json.loads(l) for l in (Path(run_dir) / "train" / "metrics.jsonl").read_text().splitlines()]
 
@@ -109,7 +125,8 @@ def test_zero_stage_trains_and_exports_exactly(stage, options, ray_local, model_
 
 
 # One rank of a two-process gloo group running train_step on hand-made micro-batches whose target
-# counts differ per rank (argv: student dir, ZeRO stage, [[rank-0 targets, rank-1 targets], ...]).
+# counts differ per rank (argv: student dir, ZeRO stage, [[rank-0 targets, rank-1 targets], ...], and
+# optionally 'freeze' for student.freeze_embeddings).
 _UNEVEN_CHUNKS_WORKER = """
 import json, os, sys
 import torch, torch.distributed as dist
@@ -118,13 +135,14 @@ from raydistill.distill.train import TrainInputs, build_engine, build_model, tra
 from raydistill.spec import DistillSpec, TrainSpec
 
 rank, student, stage, steps = int(os.environ["RANK"]), sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+freeze = sys.argv[4:] == ["freeze"]
 dist.init_process_group("gloo", rank=rank, world_size=2)
 torch.manual_seed(0)
 train = TrainSpec(workers=2, zero_stage=stage, offload_optimizer=stage == 3, micro_batch_size=1, max_steps=len(steps),
                   max_seq_len=64, loss_chunk_tokens=16)
 distill = DistillSpec(ce_weight=0.1)
 inputs = TrainInputs(train=train, distill=distill, student_path=student, total_steps=len(steps),
-                     ds_config=deepspeed_config(train, len(steps)))
+                     ds_config=deepspeed_config(train, len(steps)), freeze_embeddings=freeze)
 engine = build_engine(build_model(inputs), inputs)
 vocab = engine.module.config.vocab_size
 g = torch.Generator().manual_seed(rank)
@@ -141,7 +159,7 @@ dist.destroy_process_group()
 """
 
 
-def _run_uneven_chunks(tmp_path, student, stage, steps, timeout_s=240):
+def _run_uneven_chunks(tmp_path, student, stage, steps, timeout_s=240, freeze=False):
     """Both ranks' per-step results; fails on a hang (timeout) or a crash of either rank."""
     import socket
     import subprocess
@@ -157,8 +175,8 @@ def _run_uneven_chunks(tmp_path, student, stage, steps, timeout_s=240):
     for rank in (0, 1):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, str(script), student, str(stage), json.dumps(steps)], cwd=ROOT,
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        args = [sys.executable, str(script), student, str(stage), json.dumps(steps)] + (["freeze"] if freeze else [])
+        procs.append(subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     try:
         outputs = [p.communicate(timeout=timeout_s)[0] for p in procs]
     except subprocess.TimeoutExpired:
@@ -170,19 +188,24 @@ def _run_uneven_chunks(tmp_path, student, stage, steps, timeout_s=240):
     return [[json.loads(l[len("RESULT "):]) for l in out.splitlines() if l.startswith("RESULT ")] for out in outputs]
 
 
-def test_zero3_uneven_loss_chunks_match_zero0(model_paths, tmp_path):
+@pytest.mark.parametrize("frozen_tied_head", [False, True], ids=["trainable_head", "frozen_tied_head"])
+def test_zero3_uneven_loss_chunks_match_zero0(frozen_tied_head, model_paths, tied_student, tmp_path):
     """Ranks whose target counts fall into different numbers of LM-head chunks (every step here).
 
     Under ZeRO-3 each LM-head call is a collective; before the fix the rank with fewer chunks
     left the chunk loop for an all_reduce while the other still gathered the head (a hang), and
     its balancing calls gathered differently from real chunks in backward. The result must equal
     ZeRO-0's on the same batches: the balancing adds nothing to the loss or the gradients.
+
+    A frozen head tied to frozen embeddings takes the other ZeRO-3 path (gathered once per
+    micro-batch around the fused loss, ``train._zero3_frozen_head``), which must match ZeRO-0 too.
     """
     # Targets per rank with 16-token chunks: 4 vs 2 chunks, 2 vs 4, 3 vs 3, 1 vs 2, and a rank
     # with no target token at all (0 vs 2).
     steps = [[50, 20], [20, 50], [33, 33], [1, 17], [0, 17]]
-    zero3 = _run_uneven_chunks(tmp_path, model_paths[1], 3, steps)
-    zero0 = _run_uneven_chunks(tmp_path, model_paths[1], 0, steps)
+    student = tied_student if frozen_tied_head else model_paths[1]
+    zero3 = _run_uneven_chunks(tmp_path, student, 3, steps, freeze=frozen_tied_head)
+    zero0 = _run_uneven_chunks(tmp_path, student, 0, steps, freeze=frozen_tied_head)
     assert len(zero3[0]) == len(zero3[1]) == len(zero0[0]) == len(steps)
     assert zero3[0] == zero3[1]  # every rank reports the global values
     for z3, z0, per_rank in zip(zero3[0], zero0[0], steps):
@@ -206,6 +229,32 @@ def test_pruned_student_frozen_embeddings(ray_local, model_paths, signals_dir, t
     trained = model.state_dict()
     assert torch.equal(trained["model.embed_tokens.weight"], teacher["model.embed_tokens.weight"])
     assert not torch.equal(trained["model.layers.0.mlp.up_proj.weight"], teacher["model.layers.1.mlp.up_proj.weight"])
+
+
+def test_zero3_frozen_tied_embeddings(ray_local, tied_student, signals_dir, tmp_path):
+    """ZeRO-3 on two workers with ``freeze_embeddings`` and an LM head tied to the embeddings, so frozen too.
+
+    The checkpointed per-chunk loss of trainable heads crashed on such a head in backward (a
+    CheckpointError: DeepSpeed had partitioned the frozen weight before the recompute's saved
+    copy was used); a frozen head is gathered around the fused loss instead (``train._zero3_frozen_head``).
+    """
+    from safetensors.torch import load_file
+
+    from raydistill.distill.train import run_train_stage
+
+    train = TrainSpec(workers=2, zero_stage=3, micro_batch_size=4, lr=3e-3, max_steps=2, max_seq_len=64, loss_chunk_tokens=16)
+    out = run_train_stage(train, DistillSpec(ce_weight=0.1), tied_student, signals_dir, RunDir(tmp_path),
+                          student=StudentSpec(model=tied_student, freeze_embeddings=True))
+    model = _check_export(out, tmp_path)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    start = load_file(Path(tied_student) / "model.safetensors")
+    trained = model.state_dict()
+    assert torch.equal(trained["model.embed_tokens.weight"], start["model.embed_tokens.weight"])
+    others = [n for n in start if n != "model.embed_tokens.weight"]
+    assert others and all(not torch.equal(trained[n], start[n]) for n in others), "a trained weight did not move"
+    metrics = _metrics(tmp_path)
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert all(np.isfinite(m["loss"]) and m["grad_norm"] > 0 for m in metrics)
 
 
 def _registered_checkpoint_steps(run_dir: Path) -> list[int]:

@@ -71,3 +71,43 @@ def test_a_checkpoint_of_another_run_is_refused():
         check_checkpoint({"identity": checkpoint_identity(inputs)}, other, "RUN/checkpoints")
     with pytest.raises(RuntimeError, match="records no identity"):
         check_checkpoint({"step": 4}, inputs, "RUN/checkpoints")
+
+
+def test_zero3_frozen_head_is_one_without_trainable_parameters():
+    import torch
+
+    from raydistill.distill.train import _zero3_frozen_head
+
+    embed = torch.nn.Embedding(11, 4)
+    head = torch.nn.Linear(4, 11, bias=False)
+    assert not _zero3_frozen_head(head)
+    head.weight = embed.weight  # tied, as in a tied HF model
+    embed.weight.requires_grad_(False)  # raydistill.distill.init.freeze_embeddings
+    assert _zero3_frozen_head(head)
+    assert not _zero3_frozen_head(torch.nn.Sequential(head))  # the fused loss needs a plain nn.Linear
+
+
+@pytest.mark.parametrize("n_tokens", [5, 0])
+def test_always_fused_loss_needs_no_head_in_backward(n_tokens):
+    """The ZeRO-3 frozen-head path: one chunk (or none) through the fused loss equals the plain path, and backward
+    still works after the head's weight is emptied, as DeepSpeed's re-partition does on leaving GatheredParameters."""
+    import torch
+
+    from raydistill.distill.losses import chunked_distill_loss_sums
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(4, 11, bias=False).requires_grad_(False)
+    hidden = torch.randn(n_tokens, 4, requires_grad=True)
+    targets = torch.randint(0, 11, (n_tokens,))
+    ids = torch.rand(n_tokens, 11).topk(3).indices
+    lps = torch.log_softmax(torch.randn(n_tokens, 4), -1)[:, :3]
+    plain = chunked_distill_loss_sums(hidden, head, targets, ids, lps, ce_weight=0.3, chunk_tokens=16)
+    (grad_plain,) = torch.autograd.grad(plain[0], hidden)
+    fused = chunked_distill_loss_sums(hidden, head, targets, ids, lps, ce_weight=0.3, chunk_tokens=16, always_fuse=True)
+    head.weight.data = torch.empty(0)
+    (grad_fused,) = torch.autograd.grad(fused[0], hidden)
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad_fused, grad_plain, rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="always_fuse"):
+        chunked_distill_loss_sums(hidden, head, targets, ids, lps, always_fuse=True, always_recompute=True)
