@@ -138,7 +138,7 @@ def main() -> int:
                         help="a spec override for every variant, as `raydistill run --set` (repeatable)")
     args = parser.parse_args()
 
-    from raydistill.distill.init import PRUNE_INFO_FILE, kept_layers, prepare_student
+    from raydistill.distill.init import PRUNE_INFO_FILE, kept_layers, prepare_student, text_config
     from raydistill.distill.train import calibration_sequences, run_train_stage
     from raydistill.eval.stage import run_eval_stage
     from raydistill.jobs.pipeline import init_ray
@@ -173,7 +173,7 @@ def main() -> int:
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(teacher)
-        n_teacher = (config.get_text_config() if hasattr(config, "get_text_config") else config).num_hidden_layers
+        n_teacher = text_config(config).num_hidden_layers
         n_kept = len(kept_layers(n_teacher, spec.student.layers, spec.student.every_nth))
         auto = spec.student.model_copy(update={"layers": "auto", "num_layers": n_kept, "every_nth": None, "layer_scoring": args.layer_scoring})
         for base in ("init", "fkl"):

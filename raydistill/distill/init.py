@@ -52,10 +52,15 @@ def _per_layer_lists(config_dict: dict, num_layers: int, keep: list[int]) -> dic
     return out
 
 
+def text_config(config):
+    """The decoder's config: a multimodal model's text sub-config, else the config itself."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def pruned_config(config, keep: list[int]):
     """A copy of a transformers config with ``num_hidden_layers`` and per-layer lists cut to ``keep``."""
     new = copy.deepcopy(config)
-    target = new.get_text_config() if hasattr(new, "get_text_config") else new
+    target = text_config(new)
     n = target.num_hidden_layers
     for key, value in _per_layer_lists(target.to_dict(), n, keep).items():
         setattr(target, key, value)
@@ -88,7 +93,7 @@ def prune_from_teacher(teacher_path: str, out_dir: str, layers: list[int] | None
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     config = AutoConfig.from_pretrained(teacher_path)
-    n = (config.get_text_config() if hasattr(config, "get_text_config") else config).num_hidden_layers
+    n = text_config(config).num_hidden_layers
     keep = kept_layers(n, layers, every_nth)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32)
     student_config = pruned_config(teacher.config, keep)
@@ -125,7 +130,7 @@ def block_influence(model, sequences: list[list[int]]) -> list[float]:
     """
     import torch
 
-    n = model.config.get_text_config().num_hidden_layers if hasattr(model.config, "get_text_config") else model.config.num_hidden_layers
+    n = text_config(model.config).num_hidden_layers
     total, count = torch.zeros(n, dtype=torch.float64), 0
     model.eval()
     with torch.no_grad():
@@ -174,7 +179,7 @@ def only_layers(model, keep: list[int]):
 
     decoder = model.get_decoder()
     layers = decoder.layers
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = text_config(model.config)
     n, layer_types = config.num_hidden_layers, getattr(config, "layer_types", None)
     decoder.layers, config.num_hidden_layers = torch.nn.ModuleList([layers[i] for i in keep]), len(keep)
     if layer_types is not None:
@@ -198,7 +203,7 @@ def drop_one_nll(model, sequences: list[list[int]], batch_size: int = 4) -> list
     """
     import torch
 
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = text_config(model.config)
     n = config.num_hidden_layers
     sequences = [ids for ids in sequences if len(ids) >= 2]
     if not sequences:
