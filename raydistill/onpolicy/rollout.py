@@ -71,15 +71,12 @@ class WeightSyncExtension:
         # Its "RotaryEmbedding: Failed to load weights" warning is expected: rotary tables are not in
         # checkpoints, and the reload puts the existing ones back.
         self.reload_weights(weights_iterator=weights(), is_checkpoint_format=True)
-        if any("embed" in name for name in names):
-            # vLLM internal: Worker.model_runner and GPUModelRunner.get_model (CPUModelRunner subclasses it).
-            # Only when an embedding arrived: repacking builds a second copy of a big-vocabulary head
-            # (0.67 GB on Gemma 3) before the old one is freed.
-            _repack_tied_heads(self.model_runner.get_model())
+        # vLLM internal: Worker.model_runner and GPUModelRunner.get_model (CPUModelRunner subclasses it).
+        _repack_tied_heads(self.model_runner.get_model(), names)
         return len(names)
 
 
-def _repack_tied_heads(model) -> None:
+def _repack_tied_heads(model, loaded: list[str]) -> None:
     """Rebuild the GEMM of an LM head whose weight is the input embedding's.
 
     On CPU, ``UnquantizedEmbeddingMethod.process_weights_after_loading`` packs the head's weight into
@@ -88,13 +85,21 @@ def _repack_tied_heads(model) -> None:
     tied models, and what ``_deduplicated`` sends) updates ``embed_tokens`` and so the shared storage, but
     the head's packed copy keeps the old weights (measured: log-prob error 0.96 instead of 5e-7).
     Re-running the method repacks it; on GPUs it is a no-op.
+
+    Only heads whose embedding is among ``loaded`` (the checkpoint names just reloaded) are repacked:
+    a sync without the embedding (frozen, see ``onpolicy.loop.full_state_dict``) leaves the packed
+    copy right, and repacking would build a second copy of a big-vocabulary head (0.67 GB on Gemma 3)
+    before freeing the old one. The embedding is matched by its module's own attribute name (e.g.
+    ``embed_tokens``, ``wte``), which the HF names share whatever prefix vLLM's model puts before it.
     """
     # vLLM internal: ParallelLMHead / VocabParallelEmbedding and their quant_method are not public API.
     from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 
-    embeddings = {id(m.weight) for m in model.modules() if type(m) is VocabParallelEmbedding and hasattr(m, "weight")}
+    embeddings = {id(m.weight): qualname.rsplit(".", 1)[-1] for qualname, m in model.named_modules()
+                  if type(m) is VocabParallelEmbedding and hasattr(m, "weight")}
     for module in model.modules():
-        if isinstance(module, ParallelLMHead) and id(getattr(module, "weight", None)) in embeddings:
+        leaf = embeddings.get(id(getattr(module, "weight", None))) if isinstance(module, ParallelLMHead) else None
+        if leaf is not None and any(name.endswith(f"{leaf}.weight") for name in loaded):
             module.quant_method.process_weights_after_loading(module)
 
 
