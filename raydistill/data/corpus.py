@@ -298,6 +298,28 @@ def _hashed_ids(batch: pa.Table, id_field: str, with_ids: bool) -> pa.Table:
     return ids.append_column("h", hashes) if with_ids else pa.table({"h": hashes})
 
 
+# Up to this many bytes of local JSONL, the duplicate-id pass reads the files on the driver (``duplicate_ids``).
+DRIVER_ID_PASS_BYTES = 32 << 20
+
+
+def _small_local_jsonl(data: DataSpec) -> list[str] | None:
+    """The corpus's files (absolute paths, as Ray's reader names them), if it is local JSONL files of at most
+    ``DRIVER_ID_PASS_BYTES`` in all; else None."""
+    if data.format != "jsonl":
+        return None
+    paths = _expand_paths(data.path)
+    if not paths or any("://" in p or not os.path.isfile(p) for p in paths):
+        return None
+    if sum(os.path.getsize(p) for p in paths) > DRIVER_ID_PASS_BYTES:
+        return None
+    return [os.path.abspath(p) for p in paths]
+
+
+def _local_records(path: str, cap: int) -> Iterator[pa.Table]:
+    with open(path, "rb") as f:
+        yield from _split_lines(f, path, cap)
+
+
 def duplicate_ids(data: DataSpec, shown: int = 10) -> list[tuple[str, list[str]]]:
     """Ids that several corpus records carry, each with where it occurs (``file:line``), the first ``shown`` by id.
 
@@ -311,15 +333,24 @@ def duplicate_ids(data: DataSpec, shown: int = 10) -> list[tuple[str, list[str]]
     """
     if data.format in ("text", "text_files"):
         return []
-    records = read_records(data)
-    batches = records.map_batches(_hashed_ids, fn_args=(data.id_field, False), batch_format="pyarrow").iter_batches(batch_format="pyarrow", batch_size=None)
-    hashes = [b["h"].to_numpy() for b in batches if b.num_rows]
+    local = _small_local_jsonl(data)
+    if local is not None:
+        # On the driver: Ray Data's first tasks wait for cold worker processes (2-5 s on a 2-core machine),
+        # and the engines start only after this check; the same parser, on a few MiB, takes milliseconds.
+        blocks = [b for path in local for b in _local_records(path, data.max_record_bytes)]
+        hashes = [_hashed_ids(b, data.id_field, False)["h"].to_numpy() for b in blocks]
+    else:
+        records = read_records(data)
+        batches = records.map_batches(_hashed_ids, fn_args=(data.id_field, False), batch_format="pyarrow").iter_batches(batch_format="pyarrow", batch_size=None)
+        hashes = [b["h"].to_numpy() for b in batches if b.num_rows]
     values, counts = np.unique(np.concatenate(hashes) if hashes else np.zeros(0, np.uint64), return_counts=True)
     suspects = values[counts > 1]
     if not len(suspects):
         return []
     sources: dict[str, list[str]] = defaultdict(list)
-    for b in records.map_batches(_hashed_ids, fn_args=(data.id_field, True), batch_format="pyarrow").iter_batches(batch_format="pyarrow", batch_size=None):
+    again = ((_hashed_ids(b, data.id_field, True) for b in blocks) if local is not None else
+             read_records(data).map_batches(_hashed_ids, fn_args=(data.id_field, True), batch_format="pyarrow").iter_batches(batch_format="pyarrow", batch_size=None))
+    for b in again:
         hit = b.filter(pa.array(np.isin(b["h"].to_numpy(), suspects)))
         for i, s in zip(hit["id"].to_pylist(), hit["source"].to_pylist()):
             sources[i].append(s)

@@ -257,9 +257,15 @@ def test_array_path_matches_the_dict_path_on_the_real_teacher(ray_local, tiny_sp
     assert outside > 0  # the random tiny teacher puts given tokens outside its top 4: that case is covered
 
 
-def test_repeated_ids_are_found_across_files_and_shown_by_id(ray_local, tiny_spec, tmp_path):
-    """The duplicate-id pre-pass names every place a repeated id occurs, across files, the first ``shown`` by id; unique ids pass."""
+@pytest.mark.parametrize("where", ["driver", "ray_data"])
+def test_repeated_ids_are_found_across_files_and_shown_by_id(ray_local, tiny_spec, tmp_path, monkeypatch, where):
+    """The duplicate-id pre-pass names every place a repeated id occurs, across files, the first ``shown`` by id; unique ids pass.
+    Both ways it runs: on the driver (small local JSONL) and as a Ray Data pass (larger or remote corpora), the same answers."""
+    from raydistill.data import corpus
     from raydistill.data.corpus import duplicate_ids
+
+    if where == "ray_data":
+        monkeypatch.setattr(corpus, "DRIVER_ID_PASS_BYTES", 0)
 
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     a.write_text("".join(json.dumps({"id": i, "prompt": "x"}) + "\n" for i in ["u1", "r1", "u2", "r2", "r1"]) + "not json\n")
