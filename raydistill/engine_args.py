@@ -117,7 +117,6 @@ def _fields_cache_path() -> Path | None:
     """Where this vLLM's field table is cached: keyed by its version and its ``arg_utils.py``; None without vLLM."""
     import hashlib
     import importlib.util
-    import os
 
     spec = importlib.util.find_spec("vllm")  # finds the package without importing it
     if spec is None or not spec.submodule_search_locations:
@@ -129,8 +128,9 @@ def _fields_cache_path() -> Path | None:
             digest.update((root / name).read_bytes())
         except OSError:
             return None
-    cache = Path(os.environ.get("RAYDISTILL_CACHE", Path.home() / ".cache" / "raydistill"))  # raydistill.models.cache_dir
-    return cache / f"vllm-engine-args-{digest.hexdigest()[:16]}.json"
+    from raydistill.models import cache_dir  # standard library imports only
+
+    return cache_dir() / f"vllm-engine-args-{digest.hexdigest()[:16]}.json"
 
 
 @lru_cache(maxsize=1)

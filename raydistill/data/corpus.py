@@ -338,19 +338,20 @@ def duplicate_ids(data: DataSpec, shown: int = 10) -> list[tuple[str, list[str]]
         # On the driver: Ray Data's first tasks wait for cold worker processes (2-5 s on a 2-core machine),
         # and the engines start only after this check; the same parser, on a few MiB, takes milliseconds.
         blocks = [b for path in local for b in _local_records(path, data.max_record_bytes)]
-        hashes = [_hashed_ids(b, data.id_field, False)["h"].to_numpy() for b in blocks]
-    else:
-        records = read_records(data)
-        batches = records.map_batches(_hashed_ids, fn_args=(data.id_field, False), batch_format="pyarrow").iter_batches(batch_format="pyarrow", batch_size=None)
-        hashes = [b["h"].to_numpy() for b in batches if b.num_rows]
+
+    def hashed(with_ids: bool):
+        if local is not None:
+            return (_hashed_ids(b, data.id_field, with_ids) for b in blocks)
+        return read_records(data).map_batches(_hashed_ids, fn_args=(data.id_field, with_ids), batch_format="pyarrow").iter_batches(
+            batch_format="pyarrow", batch_size=None)
+
+    hashes = [b["h"].to_numpy() for b in hashed(False) if b.num_rows]
     values, counts = np.unique(np.concatenate(hashes) if hashes else np.zeros(0, np.uint64), return_counts=True)
     suspects = values[counts > 1]
     if not len(suspects):
         return []
     sources: dict[str, list[str]] = defaultdict(list)
-    again = ((_hashed_ids(b, data.id_field, True) for b in blocks) if local is not None else
-             read_records(data).map_batches(_hashed_ids, fn_args=(data.id_field, True), batch_format="pyarrow").iter_batches(batch_format="pyarrow", batch_size=None))
-    for b in again:
+    for b in hashed(True):
         hit = b.filter(pa.array(np.isin(b["h"].to_numpy(), suspects)))
         for i, s in zip(hit["id"].to_pylist(), hit["source"].to_pylist()):
             sources[i].append(s)
