@@ -223,8 +223,10 @@ def _child_stage(args, model: str, out: dict) -> None:
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    run_teacher_stage(data, teacher, tp, model, str(signals))
+    result = run_teacher_stage(data, teacher, tp, model, str(signals))
     out["done"] = time.time()
+    # The executor the engine ran (``uni``: its worker inside the engine-core process; ``mp``: a process of its own).
+    out["engine_executor"] = sorted({n.get("executor") for n in (result["engine_dtype"] or {}).get("nodes", {}).values()} - {None})
     done.set()
     sampler.sample()
     ray.shutdown()
@@ -323,6 +325,7 @@ def throughput(args, prompts: list[str], model: str, work: Path, k: int) -> dict
         "bare_host_cpu_us_per_token": round(1e6 * bare["frontend_cpu_s"] / bare["tokens"], 1),
         "bare_engine_core_cpu_us_per_token": round(1e6 * bare["engine_core_cpu_s"] / bare["tokens"], 1),
         "bare_timeline": bare["timeline"], "raydistill_timeline": full["timeline"], "raydistill_quarter_timeline": quarter["timeline"],
+        "raydistill_engine_executor": full["engine_executor"],
     }
     d_tokens = full["tokens"] - quarter["tokens"]
     if d_tokens > 0 and full["engine_actors"] == quarter["engine_actors"] == 1:

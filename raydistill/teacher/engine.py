@@ -30,11 +30,14 @@ its ``get_dataset_map_batches_kwargs``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, AsyncIterator
 
 import numpy as np
@@ -51,22 +54,64 @@ from raydistill.fileio import write_atomic
 MAX_ENGINE_DEATHS = 2
 
 
+@contextlib.contextmanager
+def single_worker_in_engine_core(engine_kwargs: dict[str, Any]):
+    """While a CPU engine with one worker starts, the environment that runs that worker inside vLLM's
+    engine-core process, as ray.data.llm asks (``distributed_executor_backend: uni`` at one bundle).
+
+    Why: vLLM's CPU platform turns ``uni`` back into its multiprocess executor (``vllm/platforms/cpu.py``:
+    the worker's OpenMP settings are applied as the environment of a process of its own), unless
+    ``VLLM_ENABLE_V1_MULTIPROCESSING`` is 0. Inside a Ray actor vLLM must *spawn* its processes, so that
+    extra worker process re-imports vLLM and torch (4-5 s on two cores) and then trades every step with
+    the engine core over shared memory (the engine core took ~2x bare vLLM's CPU per token). The
+    variable only reaches the executor choice here: ``AsyncLLM`` keeps its engine core in a process of
+    its own whatever it says. The worker's OpenMP environment is vLLM's own (``OMPProcessManager``, from
+    ``VLLM_CPU_OMP_THREADS_BIND``), set while the engine core is spawned, so ``cpu_threads_bind``
+    binds the same cores as before. The actor's own environment is restored afterwards.
+    """
+    from vllm.platforms import current_platform
+
+    if engine_kwargs.get("distributed_executor_backend") != "uni" or not current_platform.is_cpu():
+        yield
+        return
+    from vllm.utils.ompmultiprocessing import OMPProcessManager
+
+    one_worker = SimpleNamespace(parallel_config=SimpleNamespace(local_world_size=1, data_parallel_rank_local=None, _api_process_count=1),
+                                 kv_transfer_config=None)
+    omp = OMPProcessManager(one_worker)
+    before = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    try:
+        with omp.configure_omp_envs(rank=0, local_rank=0):
+            yield
+    finally:
+        if before is None:
+            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+        else:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = before
+
+
 class DtypeResolvingEngineUDF(vLLMEngineStageUDF):
     def __init__(self, *args: Any, dtype_key: str, report_dir: str, **kwargs: Any):
         self._dtype_key, self._report_dir = dtype_key, Path(report_dir)
         self._choice: engine_dtype.DtypeChoice | None = None
         self._dead = False
+        self._starting = contextlib.ExitStack()  # holds the engine's start-up environment until it is up
         try:
-            super().__init__(*args, **kwargs)
+            with self._starting:
+                super().__init__(*args, **kwargs)
         except Exception as err:
             raise RuntimeError(f"the teacher's vLLM engine failed to start: {type(err).__name__}: {err}\n"
                                f"{engine_dtype.death_hint(getattr(self, 'engine_kwargs', {}), dtype_key)}") from err
-        self._report({"event": "started", **self._choice.as_dict()})
+        executor = self.llm.engine.vllm_config.parallel_config.distributed_executor_backend
+        self._report({"event": "started", **self._choice.as_dict(), "executor": executor if isinstance(executor, str) else type(executor).__name__})
         self._wrap_generate()
 
     def normalize_engine_kwargs(self, engine_kwargs: dict[str, Any]) -> dict[str, Any]:
-        # Called by the library's __init__ before it starts the engine: the one place to set the dtype.
+        # Called by the library's __init__ before it starts the engine: the one place to set the dtype,
+        # and the last moment to set the environment the engine's processes start with.
         kwargs, self._choice = engine_dtype.resolve(super().normalize_engine_kwargs(engine_kwargs), self._dtype_key)
+        self._starting.enter_context(single_worker_in_engine_core(kwargs))
         return kwargs
 
     def _report(self, record: dict) -> Path:
@@ -224,6 +269,6 @@ def summarize_dtypes(started: list[dict]) -> dict:
     return {
         "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
         "source": started[0]["source"] if started else None,
-        "nodes": {r["node"]: {"dtype": r["dtype"], "reason": r["reason"]} for r in started},
+        "nodes": {r["node"]: {"dtype": r["dtype"], "reason": r["reason"], "executor": r.get("executor")} for r in started},
         "key": started[0]["key"] if started else None,
     }

@@ -34,6 +34,9 @@ def test_teacher_pass_auto_dtype_on_a_short_first_row(ray_local, tiny_spec, mode
     record = out["engine_dtype"]
     assert record["dtype"] == expected and record["source"] == "auto" and record["key"] == "teacher.engine_args.dtype"
     assert all(n["dtype"] == expected for n in record["nodes"].values()), record
+    # The one worker ran inside the engine-core process, as ray.data.llm asks at one bundle: vLLM's CPU
+    # platform would have turned "uni" into its multiprocess executor ("mp") without the start-up environment.
+    assert all(n["executor"] == "uni" for n in record["nodes"].values()), record
     assert not (tmp_path / "signals" / "_engines").exists()  # merged into the outputs, not left among the shards
 
 

@@ -62,3 +62,26 @@ def test_engine_stats_are_off_unless_the_spec_turns_them_on(overrides, disabled,
     config = _processor_config(spec.teacher, spec.teacher_pass, "/models/teacher", spec.teacher.engine_stats)
     assert config.engine_kwargs["disable_log_stats"] is disabled
     assert config.log_engine_metrics is exported
+
+
+@pytest.mark.parametrize("bind, places, threads", [("0", "{0}", "1"), ("0-1", "{0,1}", "2")])
+def test_a_single_cpu_worker_starts_inside_the_engine_core_with_the_bound_cores(monkeypatch, bind, places, threads):
+    """At one bundle (ray.data.llm's ``uni``) on a CPU, the engine starts with multiprocessing of the worker off and
+    the worker's OpenMP binding (vLLM's own, from ``cpu_threads_bind``) in the environment; the actor's is restored."""
+    import os
+
+    from raydistill.teacher.engine import single_worker_in_engine_core
+
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", bind)
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    monkeypatch.delenv("OMP_PLACES", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    before = dict(os.environ)
+    with single_worker_in_engine_core({"distributed_executor_backend": "uni"}):
+        inside = dict(os.environ)
+    assert inside["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert (inside["OMP_PLACES"], inside["OMP_NUM_THREADS"], inside["OMP_PROC_BIND"]) == (places, threads, "true")
+    assert dict(os.environ) == before
+
+    with single_worker_in_engine_core({"distributed_executor_backend": "ray", "tensor_parallel_size": 2}):
+        assert dict(os.environ) == before  # several workers: vLLM's executor sets each one's binding itself

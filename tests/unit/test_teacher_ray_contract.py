@@ -92,3 +92,18 @@ def test_vllm_fills_flat_logprobs_as_the_array_path_reads_them():
     # The sampled token's rank counts the log-probs >= its own (a module-level torch.compile'd function: read its source).
     assert "return (x >= values).sum(-1)" in inspect.getsource(ops)
 
+
+
+def test_the_single_worker_start_up_uses_what_vllm_still_reads():
+    """``single_worker_in_engine_core`` hands vLLM's ``OMPProcessManager`` a stand-in config with only these
+    attributes, and relies on the CPU platform keeping ``uni`` when ``VLLM_ENABLE_V1_MULTIPROCESSING`` is 0."""
+    from vllm.platforms import cpu
+    from vllm.utils.ompmultiprocessing import OMPProcessManager
+
+    src = inspect.getsource(OMPProcessManager.__init__)
+    read = {a for a in ("local_world_size", "data_parallel_rank_local", "_api_process_count", "kv_transfer_config") if a in src}
+    assert read == {"local_world_size", "data_parallel_rank_local", "_api_process_count", "kv_transfer_config"}
+    assert "config." not in src.replace("config.parallel_config.", "").replace("config.kv_transfer_config", "")
+    assert hasattr(OMPProcessManager, "configure_omp_envs")
+    platform = inspect.getsource(cpu)
+    assert 'os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "1"' in platform
