@@ -143,7 +143,8 @@ def engine_dtypes(app_name: str, timeout_s: float = 30.0) -> dict[str, dict]:
 
 
 def describe_dtype(choice: dict) -> str:
-    return f"{choice['dtype']} ({choice['source']}: {choice['reason']})" if choice.get("source") else f"{choice['dtype']} ({choice['reason']})"
+    dtype = f"{choice['dtype']} ({choice['source']}: {choice['reason']})" if choice.get("source") else f"{choice['dtype']} ({choice['reason']})"
+    return f"{dtype}; vLLM executor: {choice['executor']}" if choice.get("executor") else dtype
 
 
 def complete(base: str, model_id: str, prompt: str, max_tokens: int = 16, key: str | None = None) -> dict:

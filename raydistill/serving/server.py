@@ -6,6 +6,11 @@ built, but whether vLLM-CPU's bf16 path works depends on the node a replica land
 placement-group bundle, and so its engine, share the replica's node), answers
 ``engine_dtype()`` for ``serve --status``, and logs why a dead engine died. Requests,
 streaming and health checks are otherwise the library's.
+
+``SingleWorkerVLLMEngine``: the library's engine, except that a CPU engine with one worker runs it
+inside vLLM's engine-core process (``raydistill.engine_process``). The library sets the multiprocess
+executor for every CPU engine (``vllm_models.py``), whose worker is a third spawned process that
+re-imports vLLM and trades each step with the engine core over shared memory.
 """
 
 from __future__ import annotations
@@ -14,15 +19,29 @@ import asyncio
 import logging
 from typing import Any
 
+from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine
 from ray.serve.llm import LLMServer
 
 from raydistill import engine_dtype
+from raydistill.engine_process import single_worker_in_engine_core
 
 DTYPE_KEY = "serve.engine_args.dtype"
 # Deployments keep the library's names ("LLMServer:<model id>"), which `serve --status` lists.
 NAME_PREFIX = "LLMServer:"
 
 logger = logging.getLogger("ray.serve")
+
+
+class SingleWorkerVLLMEngine(VLLMEngine):
+    def _start_async_llm_engine(self, vllm_engine_args, vllm_engine_config, placement_group):
+        from vllm.platforms import current_platform
+
+        parallel = vllm_engine_config.parallel_config
+        if not (current_platform.is_cpu() and parallel.world_size == 1 and parallel.distributed_executor_backend == "mp"):
+            return super()._start_async_llm_engine(vllm_engine_args, vllm_engine_config, placement_group)
+        parallel.distributed_executor_backend = "uni"
+        with single_worker_in_engine_core({"distributed_executor_backend": "uni"}):
+            return super()._start_async_llm_engine(vllm_engine_args, vllm_engine_config, placement_group)
 
 
 class DtypeResolvingLLMServer(LLMServer):
@@ -33,12 +52,13 @@ class DtypeResolvingLLMServer(LLMServer):
         self._hint = engine_dtype.death_hint(engine_args, DTYPE_KEY)
         logger.info("model %s: engine dtype %s (%s)", llm_config.model_id, self._dtype.dtype, self._dtype.reason)
         try:
-            await super().__init__(llm_config, **kwargs)
+            await super().__init__(llm_config, **{"engine_cls": SingleWorkerVLLMEngine, **kwargs})
         except Exception as err:
             raise RuntimeError(f"the vLLM engine of model {llm_config.model_id!r} failed to start: {type(err).__name__}: {err}\n{self._hint}") from err
 
     async def engine_dtype(self) -> dict:
-        return self._dtype.as_dict()
+        executor = self.engine._engine_client.vllm_config.parallel_config.distributed_executor_backend
+        return {**self._dtype.as_dict(), "executor": executor if isinstance(executor, str) else type(executor).__name__}
 
     async def check_health(self) -> None:
         try:

@@ -32,12 +32,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, AsyncIterator
 
 import numpy as np
@@ -47,48 +45,12 @@ from ray.llm._internal.batch.stages.vllm_engine_stage import vLLMEngineStageUDF
 from ray.llm._internal.common.errors import VLLM_FATAL_ERRORS
 
 from raydistill import engine_dtype
+from raydistill.engine_process import single_worker_in_engine_core
 from raydistill.fileio import write_atomic
 
 # Engine deaths tolerated across the pool before rows fail with the cause instead: ray.data.llm
 # restarts a dead engine's actor forever, so an engine that dies on every start hangs a pass.
 MAX_ENGINE_DEATHS = 2
-
-
-@contextlib.contextmanager
-def single_worker_in_engine_core(engine_kwargs: dict[str, Any]):
-    """While a CPU engine with one worker starts, the environment that runs that worker inside vLLM's
-    engine-core process, as ray.data.llm asks (``distributed_executor_backend: uni`` at one bundle).
-
-    Why: vLLM's CPU platform turns ``uni`` back into its multiprocess executor (``vllm/platforms/cpu.py``:
-    the worker's OpenMP settings are applied as the environment of a process of its own), unless
-    ``VLLM_ENABLE_V1_MULTIPROCESSING`` is 0. Inside a Ray actor vLLM must *spawn* its processes, so that
-    extra worker process re-imports vLLM and torch (4-5 s on two cores) and then trades every step with
-    the engine core over shared memory (the engine core took ~2x bare vLLM's CPU per token). The
-    variable only reaches the executor choice here: ``AsyncLLM`` keeps its engine core in a process of
-    its own whatever it says. The worker's OpenMP environment is vLLM's own (``OMPProcessManager``, from
-    ``VLLM_CPU_OMP_THREADS_BIND``), set while the engine core is spawned, so ``cpu_threads_bind``
-    binds the same cores as before. The actor's own environment is restored afterwards.
-    """
-    from vllm.platforms import current_platform
-
-    if engine_kwargs.get("distributed_executor_backend") != "uni" or not current_platform.is_cpu():
-        yield
-        return
-    from vllm.utils.ompmultiprocessing import OMPProcessManager
-
-    one_worker = SimpleNamespace(parallel_config=SimpleNamespace(local_world_size=1, data_parallel_rank_local=None, _api_process_count=1),
-                                 kv_transfer_config=None)
-    omp = OMPProcessManager(one_worker)
-    before = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    try:
-        with omp.configure_omp_envs(rank=0, local_rank=0):
-            yield
-    finally:
-        if before is None:
-            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-        else:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = before
 
 
 class DtypeResolvingEngineUDF(vLLMEngineStageUDF):

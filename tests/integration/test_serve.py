@@ -68,6 +68,8 @@ def test_detach_then_curl_with_key_then_stop(model_paths, tmp_path):
         assert shown.returncode == 0 and "RUNNING" in shown.stdout, shown.stdout + shown.stderr
         # No dtype in the spec: the replica chose one on its node, from the bf16 self-test there.
         assert re.search(r"engine dtype: (bfloat16|float32) \(auto: CPU: vLLM's bf16 self-test (passed|failed)", shown.stdout), shown.stdout
+        # The replica's one CPU worker runs inside vLLM's engine-core process (the library would set "mp").
+        assert "vLLM executor: uni" in shown.stdout, shown.stdout
     finally:
         down = _cli("--stop", "--set", "serve.app_name=rd-detach-test", env=env, timeout=180)
     assert down.returncode == 0, down.stdout + down.stderr

@@ -123,3 +123,18 @@ def test_the_fastapi_app_routes_to_guarded_methods_and_checks_the_key():
     # Malformed JSON is refused while parsing the body, before any model is involved.
     resp = client.post("/v1/completions", content=b'{"model": ', headers={"Authorization": "Bearer k", "Content-Type": "application/json"})
     assert resp.status_code == 400 and "JSON decode error" in resp.json()["error"]["message"]
+
+
+def test_the_single_worker_engine_overrides_what_the_library_still_calls():
+    """``SingleWorkerVLLMEngine`` changes the executor in ``_start_async_llm_engine``, before the library picks the
+    executor class from the config there; a Ray upgrade that moves either breaks the served engine's layout."""
+    import inspect
+
+    from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine
+
+    from raydistill.serving.server import SingleWorkerVLLMEngine
+
+    assert issubclass(SingleWorkerVLLMEngine, VLLMEngine)
+    assert list(inspect.signature(VLLMEngine._start_async_llm_engine).parameters) == ["self", "vllm_engine_args", "vllm_engine_config", "placement_group"]
+    assert "Executor.get_class(vllm_engine_config)" in inspect.getsource(VLLMEngine._start_async_llm_engine)
+    assert "self._start_async_llm_engine(" in inspect.getsource(VLLMEngine.start)

@@ -70,7 +70,7 @@ def test_a_single_cpu_worker_starts_inside_the_engine_core_with_the_bound_cores(
     the worker's OpenMP binding (vLLM's own, from ``cpu_threads_bind``) in the environment; the actor's is restored."""
     import os
 
-    from raydistill.teacher.engine import single_worker_in_engine_core
+    from raydistill.engine_process import single_worker_in_engine_core
 
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", bind)
     monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
