@@ -47,3 +47,9 @@ def single_worker_in_engine_core(engine_kwargs: dict[str, Any]):
             os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
         else:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = before
+
+
+def executor_name(vllm_config) -> str:
+    """The executor a started engine runs (``uni``: its worker in the engine-core process; ``mp``: a process of its own)."""
+    backend = vllm_config.parallel_config.distributed_executor_backend
+    return backend if isinstance(backend, str) else type(backend).__name__

@@ -23,7 +23,7 @@ from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine
 from ray.serve.llm import LLMServer
 
 from raydistill import engine_dtype
-from raydistill.engine_process import single_worker_in_engine_core
+from raydistill.engine_process import executor_name, single_worker_in_engine_core
 
 DTYPE_KEY = "serve.engine_args.dtype"
 # Deployments keep the library's names ("LLMServer:<model id>"), which `serve --status` lists.
@@ -57,8 +57,7 @@ class DtypeResolvingLLMServer(LLMServer):
             raise RuntimeError(f"the vLLM engine of model {llm_config.model_id!r} failed to start: {type(err).__name__}: {err}\n{self._hint}") from err
 
     async def engine_dtype(self) -> dict:
-        executor = self.engine._engine_client.vllm_config.parallel_config.distributed_executor_backend
-        return {**self._dtype.as_dict(), "executor": executor if isinstance(executor, str) else type(executor).__name__}
+        return {**self._dtype.as_dict(), "executor": executor_name(self.engine._engine_client.vllm_config)}
 
     async def check_health(self) -> None:
         try:

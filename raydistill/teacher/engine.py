@@ -45,7 +45,7 @@ from ray.llm._internal.batch.stages.vllm_engine_stage import vLLMEngineStageUDF
 from ray.llm._internal.common.errors import VLLM_FATAL_ERRORS
 
 from raydistill import engine_dtype
-from raydistill.engine_process import single_worker_in_engine_core
+from raydistill.engine_process import executor_name, single_worker_in_engine_core
 from raydistill.fileio import write_atomic
 
 # Engine deaths tolerated across the pool before rows fail with the cause instead: ray.data.llm
@@ -65,8 +65,7 @@ class DtypeResolvingEngineUDF(vLLMEngineStageUDF):
         except Exception as err:
             raise RuntimeError(f"the teacher's vLLM engine failed to start: {type(err).__name__}: {err}\n"
                                f"{engine_dtype.death_hint(getattr(self, 'engine_kwargs', {}), dtype_key)}") from err
-        executor = self.llm.engine.vllm_config.parallel_config.distributed_executor_backend
-        self._report({"event": "started", **self._choice.as_dict(), "executor": executor if isinstance(executor, str) else type(executor).__name__})
+        self._report({"event": "started", **self._choice.as_dict(), "executor": executor_name(self.llm.engine.vllm_config)})
         self._wrap_generate()
 
     def normalize_engine_kwargs(self, engine_kwargs: dict[str, Any]) -> dict[str, Any]:

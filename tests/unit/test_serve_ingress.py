@@ -137,4 +137,5 @@ def test_the_single_worker_engine_overrides_what_the_library_still_calls():
     assert issubclass(SingleWorkerVLLMEngine, VLLMEngine)
     assert list(inspect.signature(VLLMEngine._start_async_llm_engine).parameters) == ["self", "vllm_engine_args", "vllm_engine_config", "placement_group"]
     assert "Executor.get_class(vllm_engine_config)" in inspect.getsource(VLLMEngine._start_async_llm_engine)
-    assert "self._start_async_llm_engine(" in inspect.getsource(VLLMEngine.start)
+    # serve --status reads the started engine's config through the attribute the library keeps it in.
+    assert "self._engine_client = self._start_async_llm_engine(" in inspect.getsource(VLLMEngine.start)
