@@ -93,7 +93,6 @@ def test_vllm_fills_flat_logprobs_as_the_array_path_reads_them():
     assert "return (x >= values).sum(-1)" in inspect.getsource(ops)
 
 
-
 def test_the_single_worker_start_up_uses_what_vllm_still_reads():
     """``single_worker_in_engine_core`` hands vLLM's ``OMPProcessManager`` a stand-in config with only these
     attributes, and relies on the CPU platform keeping ``uni`` when ``VLLM_ENABLE_V1_MULTIPROCESSING`` is 0."""
