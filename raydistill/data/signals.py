@@ -111,10 +111,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-SCHEMA_VERSION = 6
-READABLE_SCHEMA_VERSIONS = (2, 3, 4, 5, 6)
+SCHEMA_VERSION = 7
+READABLE_SCHEMA_VERSIONS = (2, 3, 4, 5, 6, 7)
 META_FILE = "_signals.json"
-LOGPROB_SCALE = 16
+LOGPROB_SCALE = 8
 PARQUET_COMPRESSION = "zstd"
 
 SIGNAL_SCHEMA = pa.schema(
@@ -144,6 +144,11 @@ _LABEL_TYPES = {"round": pa.int32()}  # the other labels are strings
 STORED_SCHEMA = pa.schema(
     [f for f in SIGNAL_SCHEMA if f.name != "topk_logprobs"]
     + [pa.field("tail_logprob", pa.list_(pa.float16())), pa.field("topk_logprob_steps", pa.list_(pa.list_(pa.uint16())))]
+)
+# Schema v7's coded layout: the top k, the tail and the target entropy coded into one value per row.
+CODED_COLUMN = "topk_coded"
+CODED_STORED_SCHEMA = pa.schema(
+    [f for f in STORED_SCHEMA if f.name not in ("topk_ids", "topk_logprob_steps", "tail_logprob")] + [pa.field(CODED_COLUMN, pa.binary())]
 )
 STORED_TARGET_FIELD = pa.field("target_logprob_step", pa.list_(pa.uint16()))
 FULL_STORED_SCHEMA = pa.schema(list(STORED_SCHEMA) + [STORED_TARGET_FIELD])
@@ -293,9 +298,10 @@ def _map_nested(column, fn) -> pa.ListArray:
     return pa.ListArray.from_arrays(outer, pa.ListArray.from_arrays(inner, pa.array(fn(values).astype(np.int32))))
 
 
-def encode_signals(table: pa.Table, scale: int = LOGPROB_SCALE, id_order=(), target_bias: int = TARGET_STEP_BIAS) -> pa.Table:
-    """``SIGNAL_SCHEMA`` table -> ``STORED_SCHEMA`` table (the on-disk form); ``id_order`` as in the metadata,
-    ``target_bias`` the directory's ``target_step_bias`` (rows added to an older directory use its own)."""
+def _quantized(table: pa.Table, scale: int, target_bias: int = TARGET_STEP_BIAS) -> tuple[pa.Array, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """A ``SIGNAL_SCHEMA`` table's log-probs as stored: (its row offsets, the log-probs [positions, k] as float64, the
+    steps [positions, k - 1] as uint16, the log of the tail mass [positions], the target's steps [positions] as uint16,
+    or None for a table without ``target_logprob``)."""
     outer, inner, lp = _nested_values(table["topk_logprobs"])
     lens = np.diff(inner.to_numpy())
     k = int(lens.max()) if len(lens) else 0
@@ -307,24 +313,59 @@ def encode_signals(table: pa.Table, scale: int = LOGPROB_SCALE, id_order=(), tar
         # A masked entry (log-prob -inf, after the real ones) is an infinite step, clipped to the largest:
         # it decodes 4096 nats below the entry before it, exp = 0. Between two masked entries inf - inf is 0.
         steps = np.clip(np.nan_to_num(np.diff(q, axis=1), nan=0.0), 0, np.iinfo(np.uint16).max).astype(np.uint16)
-    n_pos = lp.shape[0]
-    step_lists = pa.ListArray.from_arrays(pa.array(np.arange(n_pos + 1, dtype=np.int32) * max(k - 1, 0)), pa.array(steps.reshape(-1)))
-    with np.errstate(divide="ignore"):  # an empty tail is log(0) = -inf, which float16 holds
-        tail = np.log(np.clip(1.0 - np.exp(lp).sum(axis=1), 0.0, 1.0)).astype(np.float16) if k else np.zeros(0, np.float16)
-    has_target = TARGET_LOGPROB_FIELD.name in table.column_names
-    if has_target:
+    with np.errstate(divide="ignore"):  # an empty tail is log(0) = -inf
+        log_tail = np.log(np.clip(1.0 - np.exp(lp).sum(axis=1), 0.0, 1.0)) if k else np.zeros(0)
+    target_steps = None
+    if TARGET_LOGPROB_FIELD.name in table.column_names:
         target = _per_position(table[TARGET_LOGPROB_FIELD.name], outer)
         with np.errstate(invalid="ignore"):
             q_t = np.clip(np.rint((lp[:, 0] - target) * scale) + target_bias, 0, _TARGET_MISSING - 1) if k else np.zeros(0)
         target_steps = np.where(np.isnan(q_t), _TARGET_MISSING, q_t).astype(np.uint16)
-    stored = table.drop_columns(["topk_logprobs"] + ([TARGET_LOGPROB_FIELD.name] if has_target else []))
-    if len(id_order):
-        stored = stored.set_column(stored.schema.get_field_index("topk_ids"), "topk_ids", _map_nested(stored["topk_ids"], lambda v: ids_to_codes(v, id_order)))
-    stored = stored.append_column("tail_logprob", pa.ListArray.from_arrays(outer, pa.array(tail)))
-    stored = stored.append_column("topk_logprob_steps", pa.ListArray.from_arrays(outer, step_lists))
-    if has_target:
-        stored = stored.append_column(STORED_TARGET_FIELD.name, pa.ListArray.from_arrays(outer, pa.array(target_steps)))
-    schema = FULL_STORED_SCHEMA if has_target else STORED_SCHEMA
+    return outer, lp, steps, log_tail, target_steps
+
+
+def learn_signal_codec(table: pa.Table, scale: int = LOGPROB_SCALE, target_bias: int = TARGET_STEP_BIAS):
+    """The entropy models of the coded layout (``raydistill.data.entropy``), learned from a ``SIGNAL_SCHEMA`` table."""
+    from raydistill.data.entropy import learn_codec
+
+    _, lp, steps, log_tail, target_steps = _quantized(table, scale, target_bias)
+    ids = _nested_values(table["topk_ids"])[2].astype(np.int64).reshape(len(lp), -1)
+    return learn_codec(ids, steps, log_tail, np.zeros(0, np.uint16) if target_steps is None else target_steps)
+
+
+def signal_codec(meta: dict):
+    """The ``SignalCodec`` of a signals directory with this metadata, or None (the Parquet layout: v2-v6, and v7 without one)."""
+    from raydistill.data.entropy import SignalCodec
+
+    return SignalCodec.from_json(meta["signal_codec"]) if meta.get("signal_codec") else None
+
+
+def encode_signals(table: pa.Table, scale: int = LOGPROB_SCALE, id_order=(), target_bias: int = TARGET_STEP_BIAS, codec=None) -> pa.Table:
+    """``SIGNAL_SCHEMA`` table -> ``STORED_SCHEMA`` table (the on-disk form); ``id_order`` as in the metadata,
+    ``target_bias`` the directory's ``target_step_bias`` (rows added to an older directory use its own).
+    ``codec``: the directory's ``SignalCodec``; the ids, steps, tail and target are then entropy coded into
+    ``topk_coded`` (``CODED_STORED_SCHEMA``) and ``id_order`` is not used."""
+    outer, lp, steps, log_tail, target_steps = _quantized(table, scale, target_bias)
+    n_pos, k = lp.shape[0], (lp.shape[1] if len(lp) else 0)
+    drop = ["topk_logprobs"] + ([TARGET_LOGPROB_FIELD.name] if TARGET_LOGPROB_FIELD.name in table.column_names else [])
+    stored = table.drop_columns(drop)
+    if codec is not None:
+        from raydistill.data.entropy import encode_rows
+
+        ids = _nested_values(stored["topk_ids"])[2].astype(np.int64).reshape(n_pos, -1) if n_pos else np.zeros((0, k), np.int64)
+        blobs = encode_rows(ids, steps, log_tail, target_steps, np.diff(outer.to_numpy()), codec)
+        stored = stored.drop_columns(["topk_ids"]).append_column(CODED_COLUMN, pa.array(blobs, pa.binary()))
+        schema = CODED_STORED_SCHEMA
+    else:
+        if len(id_order):
+            stored = stored.set_column(stored.schema.get_field_index("topk_ids"), "topk_ids", _map_nested(stored["topk_ids"], lambda v: ids_to_codes(v, id_order)))
+        step_lists = pa.ListArray.from_arrays(pa.array(np.arange(n_pos + 1, dtype=np.int32) * max(k - 1, 0)), pa.array(steps.reshape(-1)))
+        # float16 holds the -inf of an empty tail
+        stored = stored.append_column("tail_logprob", pa.ListArray.from_arrays(outer, pa.array(log_tail.astype(np.float16))))
+        stored = stored.append_column("topk_logprob_steps", pa.ListArray.from_arrays(outer, step_lists))
+        if target_steps is not None:
+            stored = stored.append_column(STORED_TARGET_FIELD.name, pa.ListArray.from_arrays(outer, pa.array(target_steps)))
+        schema = FULL_STORED_SCHEMA if target_steps is not None else STORED_SCHEMA
     routing = [c for c in ROUTING_COLUMNS if c in stored.column_names]
     return stored.select(schema.names + routing).cast(pa.schema(list(schema) + [pa.field(c, _LABEL_TYPES.get(c, pa.string())) for c in routing]))
 
@@ -346,9 +387,12 @@ def _per_position(column, outer: pa.Array) -> np.ndarray:
     return out
 
 
-def decode_signals(table: pa.Table, scale: int = LOGPROB_SCALE, id_order=(), target_bias: int = TARGET_STEP_BIAS) -> pa.Table:
-    """``STORED_SCHEMA`` table (or a column subset) -> ``SIGNAL_SCHEMA`` columns; the readers' inverse of ``encode_signals``."""
-    if len(id_order) and "topk_ids" in table.column_names:
+def decode_signals(table: pa.Table, scale: int = LOGPROB_SCALE, id_order=(), target_bias: int = TARGET_STEP_BIAS, codec=None) -> pa.Table:
+    """``STORED_SCHEMA`` or ``CODED_STORED_SCHEMA`` table (or a column subset) -> ``SIGNAL_SCHEMA`` columns; the readers'
+    inverse of ``encode_signals``. ``codec``: the directory's ``SignalCodec``, for tables with ``topk_coded``."""
+    if CODED_COLUMN in table.column_names:
+        table = _uncoded(table, codec)
+    elif len(id_order) and "topk_ids" in table.column_names:
         table = table.set_column(table.schema.get_field_index("topk_ids"), "topk_ids", _map_nested(table["topk_ids"], lambda v: codes_to_ids(v, id_order)))
     if "topk_logprob_steps" not in table.column_names:
         return table
@@ -371,6 +415,28 @@ def decode_signals(table: pa.Table, scale: int = LOGPROB_SCALE, id_order=(), tar
         target = np.where(q_t == _TARGET_MISSING, np.nan, lp[:, 0] - (q_t - target_bias) / scale) if n_pos else np.zeros(0)
         out = out.drop_columns([STORED_TARGET_FIELD.name]).append_column(TARGET_LOGPROB_FIELD.name, pa.ListArray.from_arrays(outer, pa.array(target.astype(np.float32))))
     return out.select([c for c in FULL_SIGNAL_COLUMNS + ROUTING_COLUMNS if c in out.column_names])
+
+
+def _uncoded(table: pa.Table, codec) -> pa.Table:
+    """``topk_coded`` -> the Parquet layout's columns (``topk_ids``, ``tail_logprob``, ``topk_logprob_steps`` and, where
+    the rows were coded with targets, ``target_logprob_step``), which ``decode_signals`` then decodes as before."""
+    from raydistill.data.entropy import decode_rows
+
+    if codec is None:
+        raise SignalMismatchError(f"these signal shards are entropy coded ({CODED_COLUMN}) but their metadata has no signal_codec")
+    rows = decode_rows(table[CODED_COLUMN].combine_chunks().to_pylist() if table.num_rows else [], codec)
+    outer = pa.array(np.concatenate([[0], np.cumsum(rows.positions)]).astype(np.int32))
+    n_pos = len(rows.ids)
+
+    def nested(values: np.ndarray, width: int) -> pa.ListArray:
+        return pa.ListArray.from_arrays(outer, pa.ListArray.from_arrays(pa.array(np.arange(n_pos + 1, dtype=np.int32) * width), pa.array(values.reshape(-1))))
+
+    out = table.drop_columns([CODED_COLUMN]).append_column("topk_ids", nested(rows.ids.astype(np.int32), rows.k))
+    out = out.append_column("tail_logprob", pa.ListArray.from_arrays(outer, pa.array(rows.log_tail)))
+    out = out.append_column("topk_logprob_steps", nested(rows.steps, max(rows.k - 1, 0)))
+    if rows.target_steps is not None:
+        out = out.append_column(STORED_TARGET_FIELD.name, pa.ListArray.from_arrays(outer, pa.array(rows.target_steps)))
+    return out
 
 
 def _nested_single(column) -> np.ndarray:
@@ -403,10 +469,11 @@ def target_logprob_from_topk(table: pa.Table) -> pa.ListArray:
     return pa.ListArray.from_arrays(outer, pa.array(picked.astype(np.float32)))
 
 
-def _stored_columns(columns: list[str], schema_version: int, stored_target: bool) -> list[str]:
+def _stored_columns(columns: list[str], schema_version: int, stored_target: bool, coded: bool = False) -> list[str]:
     """The stored columns that decode to ``columns``. ``stored_target``: the shards hold ``target_logprob_step``
-    (else ``target_logprob`` is filled from the top k, which needs the ids and the top k). ``ROUTING_COLUMNS``
-    are stored as they are."""
+    (else ``target_logprob`` is filled from the top k, which needs the ids and the top k). ``coded``: the shards
+    hold ``topk_coded`` in place of the ids and steps (v7 with a ``signal_codec``). ``ROUTING_COLUMNS`` are
+    stored as they are."""
     wanted = set(columns)
     if TARGET_LOGPROB_FIELD.name in wanted:
         wanted |= {"topk_logprobs"} | (set() if stored_target else {"input_ids", "target_start", "topk_ids"})
@@ -416,12 +483,15 @@ def _stored_columns(columns: list[str], schema_version: int, stored_target: bool
         out = [c for c in out if c not in (anchor, "topk_logprob_steps")] + [anchor, "topk_logprob_steps"]
     if TARGET_LOGPROB_FIELD.name in wanted and stored_target:
         out.append(STORED_TARGET_FIELD.name)
+    if coded:
+        plain = [c for c in out if c not in ("topk_ids", "topk_logprob_steps", "tail_logprob", STORED_TARGET_FIELD.name)]
+        out = plain + [CODED_COLUMN] if len(plain) < len(out) else out
     return out + [c for c in ROUTING_COLUMNS if c in wanted]
 
 
 def _decode_columns(table: pa.Table, columns: list[str], meta: dict) -> pa.Table:
     """Decode a table read with ``_stored_columns(columns, ...)`` and return exactly ``columns`` (in schema order)."""
-    out = decode_signals(table, meta["logprob_scale"], meta.get("topk_id_order", ()), target_step_bias(meta))
+    out = decode_signals(table, meta["logprob_scale"], meta.get("topk_id_order", ()), target_step_bias(meta), signal_codec(meta))
     if TARGET_LOGPROB_FIELD.name in columns and TARGET_LOGPROB_FIELD.name not in out.column_names:
         out = out.append_column(TARGET_LOGPROB_FIELD.name, target_logprob_from_topk(out))
     return out.select([c for c in FULL_SIGNAL_COLUMNS + ROUTING_COLUMNS if c in columns])
@@ -448,7 +518,8 @@ def load_signals(signals_dir: str | Path, columns: list[str] | None = None, file
     meta = read_signal_meta(signals_dir)
     columns = list(SIGNAL_COLUMNS) if columns is None else list(columns)
     ds = pads.dataset(files or shard_files(signals_dir), format="parquet")
-    wanted = _stored_columns(columns, meta["schema_version"], STORED_TARGET_FIELD.name in ds.schema.names)
+    coded = CODED_COLUMN in ds.schema.names
+    wanted = _stored_columns(columns, meta["schema_version"], coded or STORED_TARGET_FIELD.name in ds.schema.names, coded)
     table = ds.to_table(columns=wanted, filter=None if ids is None else pads.field("id").isin(pa.array(list(ids.to_pylist() if hasattr(ids, "to_pylist") else ids), pa.string())))
     return _decode_columns(table, columns, meta)
 
@@ -462,10 +533,12 @@ def read_signals(signals_dir: str | Path, split: str | None = None, extra_column
     if unknown:
         raise ValueError(f"extra_columns: {unknown} are not among {ROUTING_COLUMNS}")
     # The SIGNAL_SCHEMA columns, as before v5: training reads no target_logprob.
-    ds = ray.data.read_parquet(shard_files(signals_dir), columns=_stored_columns(list(SIGNAL_COLUMNS) + list(extra_columns), meta["schema_version"], False))
+    codec = signal_codec(meta)
+    ds = ray.data.read_parquet(shard_files(signals_dir), columns=_stored_columns(list(SIGNAL_COLUMNS) + list(extra_columns), meta["schema_version"], False, codec is not None))
     if split is not None:
         ds = ds.filter(expr=f"split == '{split}'")
-    return ds.map_batches(decode_signals, fn_kwargs={"scale": meta["logprob_scale"], "id_order": meta.get("topk_id_order", ()), "target_bias": target_step_bias(meta)}, batch_format="pyarrow")
+    return ds.map_batches(decode_signals, fn_kwargs={"scale": meta["logprob_scale"], "id_order": meta.get("topk_id_order", ()), "target_bias": target_step_bias(meta),
+                                                     "codec": codec}, batch_format="pyarrow")
 
 
 def stable_split(example_id: str, eval_fraction: float) -> str:

@@ -139,7 +139,7 @@ def write_round_signals(signals_dir: Path, ids: list[str], out_dir: Path, new_di
 
     Stored rows are copied as they are (same encoding and metadata, nothing decoded); the whole
     stored table is read in the driver, which suits the corpora one loop round replays. Rows of
-    ``new_dir`` (expand's signals, encoded with their own id order) are decoded and encoded again in
+    ``new_dir`` (expand's signals, encoded with their own models) are decoded and encoded again with
     ``signals_dir``'s, and get their ``parent_id`` and ``round`` from ``labels``.
     """
     table = pq.ParquetDataset(shard_files(signals_dir)).read()
@@ -158,7 +158,7 @@ def write_round_signals(signals_dir: Path, ids: list[str], out_dir: Path, new_di
 
 
 def _with_new_rows(table: pa.Table, signals_dir: Path, new_dir: Path, labels: dict[str, tuple[str, int]]) -> pa.Table:
-    from raydistill.data.signals import FULL_SIGNAL_COLUMNS, encode_signals, read_signal_meta, target_step_bias
+    from raydistill.data.signals import FULL_SIGNAL_COLUMNS, encode_signals, read_signal_meta, signal_codec, target_step_bias
 
     meta, new_meta = read_signal_meta(signals_dir), read_signal_meta(new_dir)
     if meta.get("tokenizer_fingerprint") != new_meta.get("tokenizer_fingerprint"):
@@ -168,8 +168,8 @@ def _with_new_rows(table: pa.Table, signals_dir: Path, new_dir: Path, labels: di
     new = load_signals(new_dir, columns, ids=sorted(labels))
     new = new.append_column("parent_id", pa.array([labels[i][0] for i in new["id"].to_pylist()], pa.string()))
     new = new.append_column("round", pa.array([labels[i][1] for i in new["id"].to_pylist()], pa.int32()))
-    stored = encode_signals(new, meta["logprob_scale"], meta.get("topk_id_order", ()), target_step_bias(meta))
-    if "target_logprob_step" not in table.column_names:
+    stored = encode_signals(new, meta["logprob_scale"], meta.get("topk_id_order", ()), target_step_bias(meta), signal_codec(meta))
+    if "target_logprob_step" in stored.column_names and "target_logprob_step" not in table.column_names:
         stored = stored.drop_columns(["target_logprob_step"])
     return pa.concat_tables([table, stored], promote_options="permissive")
 

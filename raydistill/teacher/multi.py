@@ -28,7 +28,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from raydistill.data.signals import FULL_SIGNAL_COLUMNS, PARQUET_WRITE_ARGS, encode_signals, load_signals, read_signal_meta, shard_files
+from raydistill.data.signals import (FULL_SIGNAL_COLUMNS, PARQUET_WRITE_ARGS, encode_signals, learn_signal_codec, load_signals, read_signal_meta, shard_files,
+                                     update_signal_meta)
 from raydistill.spec import DataSpec, TeacherEntry, TeacherPassSpec, domain_owners
 from raydistill.teacher import stage as single
 from raydistill.teacher.stage import REJECTED_FILE as REJECTED_FILE_NAME
@@ -188,8 +189,7 @@ def mix_signal_dirs(dirs: list[str], names: list[str], weights: list[float], out
     out = Path(out_dir)
     for old in out.glob("*.parquet"):
         old.unlink()
-    first_meta = read_signal_meta(dirs[0])
-    id_order = first_meta.get("topk_id_order", ())
+    codec = None  # the mixture's own entropy models (its union of ids and its widths), learned from its first shard
     rejected = [json.loads(l) for l in (Path(dirs[0]) / REJECTED_FILE_NAME).read_text().splitlines() if l.strip()] if (Path(dirs[0]) / REJECTED_FILE_NAME).exists() else []
     rows = evals = 0
     labels = ["domain"] if "domain" in pq.ParquetDataset(shard_files(dirs[0])).schema.names else []  # the first teacher's rows keep theirs
@@ -209,15 +209,14 @@ def mix_signal_dirs(dirs: list[str], names: list[str], weights: list[float], out
             continue
         mixed = mix_rows(tables, weights)
         tmp = out / f".mix-{n:05d}.parquet.tmp"
-        pq.write_table(encode_signals(mixed, id_order=id_order), tmp, **PARQUET_WRITE_ARGS)
+        if codec is None:
+            codec = learn_signal_codec(mixed)
+            update_signal_meta(out_dir, signal_codec=codec.to_json())  # before any shard that uses it
+        pq.write_table(encode_signals(mixed, codec=codec), tmp, **PARQUET_WRITE_ARGS)
         os.replace(tmp, out / f"mix-{n:05d}.parquet")
         splits = mixed["split"].to_pylist()
         rows, evals = rows + len(splits), evals + splits.count("eval")
     train = rows - evals
-    from raydistill.data.signals import update_signal_meta
-
-    if id_order:
-        update_signal_meta(out_dir, topk_id_order=list(id_order))
     target = out / REJECTED_FILE_NAME
     if rejected:
         target.write_text("".join(json.dumps(r) + "\n" for r in sorted(rejected, key=lambda r: str(r.get("source")))))

@@ -206,9 +206,10 @@ class _RejectSink:
     Ray Data has no side output, so rows the engine failed on leave the stream here, at the
     one place they are known, instead of a second pass over the outputs.
 
-    It is also where shards are encoded, and the one writer of ``topk_id_order`` (the id
-    renumbering of the storage encoding, see raydistill.data.signals): learned from the first
-    batch it sees, written to the metadata before any shard that uses it, kept by a re-run.
+    It is also where shards are encoded, and the one writer of ``signal_codec`` (the entropy models
+    of the storage encoding, see raydistill.data.signals and raydistill.data.entropy): learned from
+    the first batch it sees (a shard's worth of rows, ``teacher_pass.shard_rows``), written to the
+    metadata before any shard that uses it, kept by a re-run.
     """
 
     def __init__(self, parts_dir: str, signals_dir: str, tokenizer_path: str | None = None, teacher_name: str | None = None,
@@ -216,7 +217,9 @@ class _RejectSink:
         from raydistill.data.signals import read_signal_meta
 
         self.parts_dir, self.signals_dir, self.teacher_name, self.domain = parts_dir, signals_dir, teacher_name, domain
-        self.id_order = read_signal_meta(signals_dir).get("topk_id_order")
+        from raydistill.data.signals import signal_codec
+
+        self.codec = signal_codec(read_signal_meta(signals_dir))
         self.tokenizer = None
         if tokenizer_path is not None:
             from transformers import AutoTokenizer
@@ -232,12 +235,12 @@ class _RejectSink:
             good = good.append_column("domain", rows["domain"].cast(pa.string()))
         if self.tokenizer is not None and good.num_rows:
             good = good.set_column(good.schema.get_field_index("response"), "response", pa.array(response_texts(good, self.tokenizer), pa.string()))
-        if self.id_order is None and good.num_rows:
-            from raydistill.data.signals import learn_id_order, update_signal_meta
+        if self.codec is None and good.num_rows:
+            from raydistill.data.signals import learn_signal_codec, update_signal_meta
 
-            self.id_order = learn_id_order(good["topk_ids"])
-            update_signal_meta(self.signals_dir, topk_id_order=self.id_order)
-        return encode_signals(good, id_order=self.id_order or ())
+            self.codec = learn_signal_codec(good)
+            update_signal_meta(self.signals_dir, signal_codec=self.codec.to_json())
+        return encode_signals(good, codec=self.codec)
 
 
 def response_texts(table: pa.Table, tokenizer) -> list[str]:
@@ -302,8 +305,8 @@ def _prepare_signals_dir(signals_dir: str, meta: dict) -> set[str]:
         if {k: old.get(k) for k in meta} != meta or old.get("schema_version") != SCHEMA_VERSION:
             print(f"[teacher] {signals_dir} was made with other settings; starting it afresh", flush=True)
             shutil.rmtree(path)
-        elif "topk_id_order" in old:
-            kept = {"topk_id_order": old["topk_id_order"]}  # the shards already written use it
+        elif "signal_codec" in old:
+            kept = {"signal_codec": old["signal_codec"]}  # the shards already written use it
     elif path.exists():
         shutil.rmtree(path)
     write_signal_meta(signals_dir, {**meta, **kept})
@@ -357,11 +360,13 @@ def signal_pass(good, teacher: TeacherSpec, teacher_pass: TeacherPassSpec, teach
     engines_dir = Path(signals_dir) / (_ENGINES if teacher_name is None else f"{_ENGINES}-{teacher_name}")
     shutil.rmtree(engines_dir, ignore_errors=True)
     signals = teacher_signals(todo, teacher, teacher_pass, teacher_path, str(engines_dir))
-    # batch_size=None: one engine output block at a time. Finished batches are gathered into shards
-    # of ~shard_rows rows as they arrive; complete shards are what a re-run after an interruption keeps.
+    # batch_size=shard_rows: the sink sees a shard's worth of rows at a time (Ray Data gathers the engines'
+    # blocks and hands over what is left at the end), so the entropy models are learned from as many rows
+    # as a shard holds; shards are ~shard_rows rows anyway, and complete shards are what a re-run keeps.
     decode_with = teacher_path if needs_response_text(sampling_params(teacher_pass), teacher_pass.mode) else None
     parts = str(Path(signals_dir) / _REJECTED_PARTS)
-    signals.map_batches(_RejectSink, fn_constructor_args=(parts, signals_dir, decode_with, teacher_name, domain), batch_format="pyarrow", batch_size=None,
+    signals.map_batches(_RejectSink, fn_constructor_args=(parts, signals_dir, decode_with, teacher_name, domain), batch_format="pyarrow",
+                        batch_size=teacher_pass.shard_rows,
                         concurrency=1, num_cpus=0.25).write_parquet(signals_dir, min_rows_per_file=teacher_pass.shard_rows, **PARQUET_WRITE_ARGS)
     return _engine_record(engines_dir)
 

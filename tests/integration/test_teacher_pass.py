@@ -186,9 +186,9 @@ def test_killed_teacher_pass_resumes_without_loss(tiny_spec, tmp_path, free_port
 
     kill_when(cmd, lambda: len(list(signals.glob("*.parquet"))) >= 2, "two shards were written", 600)
 
-    # The kept shards' ids are stored renumbered; the re-run must decode and write with the same order.
-    id_order = read_signal_meta(signals)["topk_id_order"]
-    assert id_order
+    # The kept shards are entropy coded with the models learned by the first attempt; the re-run must write with the same.
+    codec = read_signal_meta(signals)["signal_codec"]
+    assert codec["ids"]
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
@@ -197,7 +197,7 @@ def test_killed_teacher_pass_resumes_without_loss(tiny_spec, tmp_path, free_port
     ids = _table(signals)["id"].to_pylist()
     assert len(ids) == len(set(ids)) == 96
     assert sorted(ids) == [f"p{i:03d}" for i in range(96)]
-    assert read_signal_meta(signals)["topk_id_order"] == id_order
+    assert read_signal_meta(signals)["signal_codec"] == codec
 
 
 def test_repeated_ids_are_named_before_any_engine_starts(ray_local, tiny_spec, model_paths, tmp_path):

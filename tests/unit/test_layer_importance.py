@@ -134,7 +134,7 @@ def test_calibration_rows_are_the_first_training_rows_by_id(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from raydistill.data.signals import PARQUET_WRITE_ARGS, SIGNAL_SCHEMA, encode_signals, write_signal_meta
+    from raydistill.data.signals import LOGPROB_SCALE, PARQUET_WRITE_ARGS, SIGNAL_SCHEMA, encode_signals, write_signal_meta
     from raydistill.distill.train import calibration_sequences
 
     rows = [{"id": i, "split": split, "input_ids": ids, "target_start": 1, "topk_ids": [[3, 4]] * (len(ids) - 1),
@@ -142,7 +142,7 @@ def test_calibration_rows_are_the_first_training_rows_by_id(tmp_path):
             for i, split, ids in [("c", "train", [1, 7, 8]), ("a", "eval", [1, 2]), ("b", "train", [1, 5]), ("d", "train", [1, 9, 9, 9])]]
     pq.write_table(encode_signals(pa.Table.from_pylist(rows).select(SIGNAL_SCHEMA.names).cast(SIGNAL_SCHEMA)), tmp_path / "part-0.parquet",
                    **PARQUET_WRITE_ARGS)
-    write_signal_meta(tmp_path, {"logprob_scale": 16})
+    write_signal_meta(tmp_path, {"logprob_scale": LOGPROB_SCALE})
     assert calibration_sequences(tmp_path, 2) == [[1, 5], [1, 7, 8]]
     assert calibration_sequences(tmp_path, 10) == [[1, 5], [1, 7, 8], [1, 9, 9, 9]]
 

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raydistill.data.signals import FULL_SIGNAL_SCHEMA, PARQUET_WRITE_ARGS, encode_signals, load_signals, write_signal_meta
+from raydistill.data.signals import FULL_SIGNAL_SCHEMA, LOGPROB_SCALE, PARQUET_WRITE_ARGS, encode_signals, load_signals, write_signal_meta
 from raydistill.loop.rounds import ALL, choose_rows, gaps_of, held_out_slice, next_weights, row_domains, write_loop_report, write_round_signals
 from raydistill.spec import LoopSpec, SpecError, spec_from_dict
 
@@ -31,7 +31,7 @@ def _signals(tmp_path, domains: bool = True):
     table = pa.table(rows, schema=FULL_SIGNAL_SCHEMA)
     if domains:
         table = table.append_column("domain", pa.array(labels, pa.string()))
-    write_signal_meta(tmp_path, {"logprob_scale": 16, "teacher": "t"})
+    write_signal_meta(tmp_path, {"logprob_scale": LOGPROB_SCALE, "teacher": "t"})
     pq.write_table(encode_signals(table), tmp_path / "part-0.parquet", **PARQUET_WRITE_ARGS)
     return tmp_path
 

@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raydistill.data.signals import FULL_SIGNAL_COLUMNS, FULL_SIGNAL_SCHEMA, PARQUET_WRITE_ARGS, encode_signals, load_signals, write_signal_meta
+from raydistill.data.signals import FULL_SIGNAL_COLUMNS, FULL_SIGNAL_SCHEMA, LOGPROB_SCALE, PARQUET_WRITE_ARGS, encode_signals, load_signals, write_signal_meta
 from raydistill.teacher.ensemble import mix_topk
 from raydistill.teacher.multi import _align, corpus_domain_errors, mix_rows, mix_signal_dirs, requests_from_signals
 
@@ -37,7 +37,7 @@ def _rows(seed: int, ids=("a", "b", "c"), vocab: int = 12) -> pa.Table:
 
 
 def _write_dir(path, table: pa.Table, rejected: list[dict] = ()) -> str:
-    write_signal_meta(path, {"logprob_scale": 16, "teacher": "t", "mode": "generate"})
+    write_signal_meta(path, {"logprob_scale": LOGPROB_SCALE, "teacher": "t", "mode": "generate"})
     pq.write_table(encode_signals(table), path / "part-0.parquet", **PARQUET_WRITE_ARGS)
     if rejected:
         (path / "_rejected.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rejected))
@@ -91,7 +91,7 @@ def test_mix_signal_dirs_keeps_rows_every_teacher_scored_and_rejects_the_rest(tm
     first = _write_dir(tmp_path / "a", a, rejected=[{"source": "c.jsonl:9", "id": None, "reason": "empty document"}])
     second = _write_dir(tmp_path / "b", b.filter(pa.array([True, False, True])))  # its engine lost row "b"
     out = tmp_path / "mixed"
-    write_signal_meta(out, {"logprob_scale": 16, "teacher": "t"})
+    write_signal_meta(out, {"logprob_scale": LOGPROB_SCALE, "teacher": "t"})
     (out / "stale.parquet").write_bytes(b"not a shard of this mixture")
     summary = mix_signal_dirs([first, second], ["one", "two"], [1.0, 1.0], str(out))
     assert summary == {"signals_dir": str(out), "rows": 2, "train_rows": 1, "eval_rows": 1, "rejected_rows": 2}
@@ -137,7 +137,7 @@ def test_a_mixture_target_above_its_top1_is_stored_as_it_is(tmp_path):
     a = teacher([0.3, 0.2, 0.2])
     b = teacher([0.2, 0.0, 0.0, 0.25, 0.25, 0.25])
     out = tmp_path / "mixed"
-    write_signal_meta(out, {"logprob_scale": 16, "teacher": "t"})
+    write_signal_meta(out, {"logprob_scale": LOGPROB_SCALE, "teacher": "t"})
     mix_signal_dirs([_write_dir(tmp_path / "a", a), _write_dir(tmp_path / "b", b)], ["one", "two"], [1.0, 1.0], str(out))
     stored = load_signals(out, FULL_SIGNAL_COLUMNS).to_pylist()[0]
     assert max(stored["topk_logprobs"][0]) < np.log(0.25) - 0.4

@@ -6,7 +6,7 @@ import pytest
 
 from raydistill.data.collate import collate
 from raydistill.data.signals import SIGNAL_SCHEMA, SignalMismatchError, check_tokenizer_matches, stable_split, tokenizer_fingerprint, write_signal_meta
-from raydistill.data.signals import decode_signals, encode_signals
+from raydistill.data.signals import LOGPROB_SCALE, decode_signals, encode_signals
 from raydistill.spec import SamplingSpec, TeacherPassSpec
 from raydistill.teacher.stage import needs_response_text, response_texts, sampling_params, to_signal_row, topk_from_logprob_dict
 
@@ -216,7 +216,7 @@ def test_encoding_with_an_id_order_stores_codes_and_decodes_the_ids(tmp_path):
     meta = pq.ParquetFile(tmp_path / "part-0.parquet").metadata
     encodings = {meta.row_group(0).column(c).path_in_schema: meta.row_group(0).column(c).encodings for c in range(meta.num_columns)}
     assert "BYTE_STREAM_SPLIT" in encodings["topk_ids.list.element.list.element"]
-    write_signal_meta(tmp_path, {"logprob_scale": 16, "topk_id_order": order})
+    write_signal_meta(tmp_path, {"logprob_scale": LOGPROB_SCALE, "topk_id_order": order})
     assert read_signal_meta(tmp_path)["topk_id_order"] == order
     back = load_signals(tmp_path)
     assert back["topk_ids"].to_pylist() == table["topk_ids"].to_pylist()
@@ -268,7 +268,7 @@ def test_v5_missing_and_minus_inf_target_logprobs():
            "topk_logprobs": [[-0.1, -3.0], [-0.2, -2.0], [-0.3, -1.5]], "prompt": "p", "response": "r", "target_logprob": [-0.1, float("nan"), float("-inf")]}
     table = pa.Table.from_pylist([row]).select(FULL_SIGNAL_SCHEMA.names).cast(FULL_SIGNAL_SCHEMA)
     back = decode_signals(encode_signals(table))["target_logprob"].to_pylist()[0]
-    assert back[0] == pytest.approx(-0.1, abs=1 / 16) and np.isnan(back[1]) and back[2] < -4000
+    assert back[0] == pytest.approx(-0.1, abs=1 / LOGPROB_SCALE) and np.isnan(back[1]) and back[2] < -4000
     # A table built without the column's values (null lists) stores NaN, not garbage.
     nulls = pa.Table.from_pylist([{k: v for k, v in row.items() if k != "target_logprob"}], schema=FULL_SIGNAL_SCHEMA)
     assert all(np.isnan(decode_signals(encode_signals(nulls))["target_logprob"].to_pylist()[0]))
@@ -286,7 +286,7 @@ def test_readers_return_the_v4_columns_unless_target_logprob_is_asked_for_and_fi
     for d, t, version in ((v5, table, 5), (v4, table.drop_columns(["target_logprob"]), 4)):
         d.mkdir()
         pq.write_table(encode_signals(t, target_bias=0), d / "part-0.parquet", **PARQUET_WRITE_ARGS)  # as v5 wrote them
-        write_signal_meta(d, {"logprob_scale": 16})
+        write_signal_meta(d, {"logprob_scale": LOGPROB_SCALE})
         meta = json.loads((d / "_signals.json").read_text())
         (d / "_signals.json").write_text(json.dumps({**meta, "schema_version": version}))
     for d in (v5, v4):
@@ -306,7 +306,7 @@ def test_readers_return_the_v4_columns_unless_target_logprob_is_asked_for_and_fi
     assert any(np.isnan(x) for r in got4 for x in r["target_logprob"]) and any(not np.isnan(x) for r in got4 for x in r["target_logprob"])
     # The v5 shards read with no bias: the same values as the engine's, within a step.
     for row, orig in zip(got5["target_logprob"].to_pylist(), table["target_logprob"].to_pylist()):
-        np.testing.assert_allclose(row, orig, atol=1 / 16 + 1e-5)
+        np.testing.assert_allclose(row, orig, atol=1 / LOGPROB_SCALE + 1e-5)
 
 
 def test_a_target_above_the_stored_top1_keeps_its_value(tmp_path):
@@ -321,11 +321,11 @@ def test_a_target_above_the_stored_top1_keeps_its_value(tmp_path):
            "target_logprob": [-0.84, -0.2, -9.0]}  # the first 0.16 nats above the top-1, as in a two-teacher run
     table = pa.Table.from_pylist([row]).select(FULL_SIGNAL_SCHEMA.names).cast(FULL_SIGNAL_SCHEMA)
     back = decode_signals(encode_signals(table))["target_logprob"].to_pylist()[0]
-    np.testing.assert_allclose(back, row["target_logprob"], atol=1 / 16)
+    np.testing.assert_allclose(back, row["target_logprob"], atol=1 / LOGPROB_SCALE)
     assert SCHEMA_VERSION >= 6
     pq.write_table(encode_signals(table), tmp_path / "part-0.parquet", **PARQUET_WRITE_ARGS)
-    write_signal_meta(tmp_path, {"logprob_scale": 16})  # the current version, as every writer stamps it
-    np.testing.assert_allclose(load_signals(tmp_path, ["target_logprob"])["target_logprob"].to_pylist()[0], row["target_logprob"], atol=1 / 16)
+    write_signal_meta(tmp_path, {"logprob_scale": LOGPROB_SCALE})  # the current version, as every writer stamps it
+    np.testing.assert_allclose(load_signals(tmp_path, ["target_logprob"])["target_logprob"].to_pylist()[0], row["target_logprob"], atol=1 / LOGPROB_SCALE)
 
 
 def test_masked_entries_of_a_mixture_round_trip_as_no_token():
