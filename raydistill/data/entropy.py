@@ -34,9 +34,10 @@ import numpy as np
 STEP_ALPHABET = 256  # steps 0..254, and 255 = escape
 _STEP_ESCAPE = STEP_ALPHABET - 1
 _LENGTHS = 64  # bit lengths of id + 1 for escaped ids
-# The tail's logit log(t / (1 - t)) in steps of 1/16, clipped to +-64: relative errors of at most 1/32 in both
-# the tail and the top-k mass 1 - t, and a tail of 0 (the top k hold everything) is stored as e^-64.
-TAIL_LOGIT_SCALE = 16
+# The tail's logit log(t / (1 - t)) in steps of 1/64, clipped to +-64: relative errors of at most 1/128 in both
+# the tail and the top-k mass 1 - t (so the decoded log-probs move by at most t / 128 nats with it), and a
+# tail of 0 (the top k hold everything) is stored as e^-64. Each halving of the step costs ~1 bit per position.
+TAIL_LOGIT_SCALE = 64
 _TAIL_LIMIT = 64 * TAIL_LOGIT_SCALE
 TARGET_ALPHABET = 1024  # target steps 0..1022, and 1023 = escape (the value follows in 16 bits)
 _MAX_K = (1 << 12) - 1
@@ -44,7 +45,7 @@ _MAX_POSITIONS = (1 << 19) - 1
 
 
 def tail_symbols(log_tail: np.ndarray) -> np.ndarray:
-    """log of the tail mass -> the coded symbol 0 .. 2 * 64 * 16 (the logit, quantized and shifted)."""
+    """log of the tail mass -> the coded symbol 0 .. 2 * 64 * TAIL_LOGIT_SCALE (the logit, quantized and shifted)."""
     with np.errstate(divide="ignore", invalid="ignore"):
         logit = np.asarray(log_tail, np.float64) - np.log(-np.expm1(np.asarray(log_tail, np.float64)))
     logit = np.clip(np.where(np.isnan(logit), -np.inf, logit), -_TAIL_LIMIT / TAIL_LOGIT_SCALE, _TAIL_LIMIT / TAIL_LOGIT_SCALE)
@@ -65,7 +66,7 @@ class SignalCodec:
     id_counts: np.ndarray  # int64 [n + 1]: their counts, then the escape's
     length_counts: np.ndarray  # int64 [64]: bit lengths of id + 1 among the ids seen
     step_counts: np.ndarray  # int64 [octaves, 256]: per rank octave, counts of steps 0..254, then escapes
-    tail_counts: np.ndarray  # int64 [2049]: counts of the tail's quantized logit (``tail_symbols``)
+    tail_counts: np.ndarray  # int64 [2 * 64 * 64 + 1]: counts of the tail's quantized logit (``tail_symbols``)
     target_counts: np.ndarray  # int64 [1024]: counts of the target's step (``target_logprob_step``) 0..1022, then escapes
 
     def to_json(self) -> dict:

@@ -59,10 +59,11 @@ Learning it from the teacher's own first outputs, not from the corpus or the tok
 makes it match the ids the teacher actually ranks high (measured: 78 B/token for the first 16
 rows' order, 82 for corpus token frequencies, 94 for no renumbering).
 
-``scale`` is recorded in the metadata (``logprob_scale``). The default 16 keeps the KL between the
-engine's top-k + tail distribution and the stored one under 1e-4 nats/token on Gemma 3's 262k
-vocabulary at k = 50 (``benchmarks/teacher_pass.py``), and it keeps the steps under 256 distinct
-values, so Parquet's dictionary indices stay one byte wide, which zstd compresses well.
+``scale`` is recorded in the metadata (``logprob_scale``). The default is 8 (from schema v7; 16 before):
+the KL between the engine's top-k + tail distribution and the stored one is 3e-4 nats/token on Gemma 3's
+262k vocabulary at k = 50 (7e-5 at 16; ``benchmarks/teacher_pass.py``), and each halving of the step
+costs about one bit per entry in the coded layout below (~6 B/token at k = 50). In the Parquet layout
+the steps stay under 256 distinct values, so Parquet's dictionary indices stay one byte wide.
 Schema version 3 (ids stored as they are) and 2 (scale 64, the exact top-1 log-prob in
 ``top1_logprob`` instead of the tail) are still read.
 
@@ -94,6 +95,19 @@ token, while the stored top-k leaves out a teacher's mass on a token outside its
 exact target can exceed the union's top-1 (by at most log of the number of teachers). Version 5
 clipped such offsets at 0, decoding the target as the top-1 (0.16 nats low, seen in a two-teacher
 run). Version 5 shards still read, with no bias (``target_step_bias``).
+
+**Schema version 7** adds the coded layout (``CODED_STORED_SCHEMA``), which the teacher pass writes: the
+directory's metadata holds ``signal_codec`` (``raydistill.data.entropy.SignalCodec``: static entropy models
+learned from the first batch the pass's sink sees, ``teacher_pass.shard_rows`` rows), and each row's
+``topk_ids``, ``topk_logprob_steps``, tail and ``target_logprob_step`` are coded together into one
+``topk_coded`` binary value with asymmetric numeral systems. The ids are coded as themselves (no
+``topk_id_order``), the steps and ``target_logprob_step`` as above, and the tail as its logit in
+steps of 1/16 (both the tail and the top-k mass to within 1/32 of themselves, which the float16 log
+could not give the top-k mass where the tail is near 1). Parquet's codecs spend ~12.5 bits on an id of
+~11 bits of entropy and at least a bit on every step; the coded layout gets within a few percent of
+the models' entropy (104 -> 87 B/token on Gemma 3 at k = 50, BENCHMARKS.md). Rows stay independent,
+so Ray Data may split, slice and filter shards as before. A v7 directory without ``signal_codec``
+(tests and tools that write signals by hand) has the Parquet layout of v6.
 
 ``SIGNAL_SCHEMA`` stays the columns every readable version has, and what the readers return by
 default; ask for ``target_logprob`` by name (``load_signals(d, columns=[..., "target_logprob"])``).
