@@ -348,13 +348,14 @@ def throughput(args, prompts: list[str], model: str, work: Path, k: int) -> dict
 def storage_at_k(llm, prompts: list[str], outs, k: int, work: Path, shard_rows: int) -> dict:
     """Scoring each prompt + response at k: bytes per target token on disk (``bytes``; by column, ``columns``; in the
     shards after the first, whose rows the entropy models were not learned from, ``later_bytes``, None with one
-    shard) and the stored-vs-exact KL (``kl``)."""
+    shard), the stored-vs-exact KL (``kl``), and the process CPU per target token of encoding and writing
+    (``encode_us``) and of reading and decoding (``decode_us``); ``parquet_layout``: the same for schema v6's layout."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
     from vllm import SamplingParams
 
-    from raydistill.data.signals import FULL_SIGNAL_SCHEMA, PARQUET_WRITE_ARGS, decode_signals, encode_signals, learn_signal_codec
+    from raydistill.data.signals import FULL_SIGNAL_SCHEMA, PARQUET_WRITE_ARGS, decode_signals, encode_signals, learn_id_order, learn_signal_codec
     from raydistill.teacher.stage import topk_from_logprob_dict
 
     token_prompts = [{"prompt_token_ids": list(o.prompt_token_ids) + list(o.outputs[0].token_ids)} for o in outs]
@@ -370,36 +371,51 @@ def storage_at_k(llm, prompts: list[str], outs, k: int, work: Path, shard_rows: 
                      "topk_ids": [p[0] for p in pairs], "topk_logprobs": [p[1] for p in pairs], "prompt": prompts[i], "response": o.outputs[0].text,
                      "target_logprob": target})
     exact = pa.Table.from_pylist(rows).select(FULL_SIGNAL_SCHEMA.names).cast(FULL_SIGNAL_SCHEMA)
-    # The stage learns its entropy models from the first batch its sink sees: the first shard_rows rows.
-    codec = learn_signal_codec(exact.slice(0, shard_rows))
-    paths = []
-    for i in range(0, exact.num_rows, shard_rows):
-        paths.append(work / f"k{k}-{i // shard_rows:05d}.parquet")
-        pq.write_table(encode_signals(exact.slice(i, shard_rows), codec=codec), paths[-1], **PARQUET_WRITE_ARGS)
-    stored = decode_signals(pa.concat_tables([pq.read_table(p) for p in paths]), codec=codec)
-    if stored["topk_ids"].to_pylist() != exact["topk_ids"].to_pylist():
-        raise AssertionError("stored top-k ids do not decode to the engine's")
     n_tokens = sum(len(r["topk_ids"]) for r in rows)
     later_tokens = sum(len(r["topk_ids"]) for r in rows[shard_rows:])
-    columns: dict[str, int] = {}
-    for path in paths:
-        meta = pq.ParquetFile(path).metadata
-        for g in range(meta.num_row_groups):
-            for c in range(meta.num_columns):
-                col = meta.row_group(g).column(c)
-                name = col.path_in_schema.split(".")[0]
-                columns[name] = columns.get(name, 0) + col.total_compressed_size
 
     def folded(col):
         lp = np.asarray([x for row in col.to_pylist() for x in row], dtype=np.float64)
         p = np.exp(lp)
         return np.concatenate([p, np.clip(1 - p.sum(1, keepdims=True), 0, 1)], axis=1)
 
-    p, q = folded(exact["topk_logprobs"]), folded(stored["topk_logprobs"])
-    kl = np.where(p > 0, p * (np.log(np.maximum(p, 1e-300)) - np.log(np.maximum(q, 1e-300))), 0).sum(1)
-    per_column = {name: round(b / n_tokens, 1) for name, b in columns.items()}
-    later = sum(os.path.getsize(p) for p in paths[1:]) / later_tokens if later_tokens else None
-    return {"bytes": sum(os.path.getsize(p) for p in paths) / n_tokens, "kl": float(kl.mean()), "columns": per_column, "later_bytes": later}
+    exact_p = folded(exact["topk_logprobs"])
+
+    def measure(tag: str, encode, decode) -> dict:
+        """Write the shards one way, read them back; bytes, KL, and the process CPU of encoding + writing and of reading + decoding."""
+        paths = []
+        t0 = time.process_time()
+        for i in range(0, exact.num_rows, shard_rows):
+            paths.append(work / f"{tag}-k{k}-{i // shard_rows:05d}.parquet")
+            pq.write_table(encode(exact.slice(i, shard_rows)), paths[-1], **PARQUET_WRITE_ARGS)
+        t1 = time.process_time()
+        stored = decode(pa.concat_tables([pq.read_table(p) for p in paths]))
+        t2 = time.process_time()
+        if stored["topk_ids"].to_pylist() != exact["topk_ids"].to_pylist():
+            raise AssertionError(f"{tag}: stored top-k ids do not decode to the engine's")
+        columns: dict[str, int] = {}
+        for path in paths:
+            meta = pq.ParquetFile(path).metadata
+            for g in range(meta.num_row_groups):
+                for c in range(meta.num_columns):
+                    col = meta.row_group(g).column(c)
+                    name = col.path_in_schema.split(".")[0]
+                    columns[name] = columns.get(name, 0) + col.total_compressed_size
+        q = folded(stored["topk_logprobs"])
+        kl = np.where(exact_p > 0, exact_p * (np.log(np.maximum(exact_p, 1e-300)) - np.log(np.maximum(q, 1e-300))), 0).sum(1)
+        return {"bytes": sum(os.path.getsize(p) for p in paths) / n_tokens, "kl": float(kl.mean()),
+                "columns": {name: round(b / n_tokens, 1) for name, b in columns.items()},
+                "later_bytes": sum(os.path.getsize(p) for p in paths[1:]) / later_tokens if later_tokens else None,
+                "encode_us": 1e6 * (t1 - t0) / n_tokens, "decode_us": 1e6 * (t2 - t1) / n_tokens}
+
+    # The stage learns its entropy models from the first batch its sink sees: the first shard_rows rows.
+    codec = learn_signal_codec(exact.slice(0, shard_rows))
+    out = measure("coded", lambda t: encode_signals(t, codec=codec), lambda t: decode_signals(t, codec=codec))
+    # For comparison, in the same run: the Parquet layout as schema v6 wrote it (ids renumbered by the order of the
+    # first 16 rows, byte planes, steps of 1/16 nat, float16 log tail).
+    order = learn_id_order(exact.slice(0, 16)["topk_ids"])
+    v6 = measure("parquet", lambda t: encode_signals(t, 16, order), lambda t: decode_signals(t, 16, order))
+    return {**out, "parquet_layout": {name: v6[name] for name in ("bytes", "kl", "encode_us", "decode_us")}}
 
 
 def gemma_storage(args) -> dict:
@@ -414,6 +430,7 @@ def gemma_storage(args) -> dict:
         subprocess.run(cmd, check=True)
         g = json.loads(out.read_text())
     return {f"{name}_gemma": g[name] for name in ("bytes_per_token_k50", "kl_k50", "column_bytes_per_token_k50", "later_shards_bytes_per_token_k50",
+                                                  "encode_us_per_token_k50", "decode_us_per_token_k50", "parquet_layout_k50",
                                                   "bytes_per_token_k8", "bytes_per_token_k32")}
 
 
@@ -540,15 +557,20 @@ def main() -> int:
         print(f"\ntimelines (s from spawn): bare {f['bare_timeline']}; stage {f['raydistill_timeline']}")
     for k, st in storage.items():
         figures.update({f"bytes_per_token_k{k}": round(st["bytes"], 1), f"kl_k{k}": st["kl"], f"column_bytes_per_token_k{k}": st["columns"],
-                        f"later_shards_bytes_per_token_k{k}": None if st["later_bytes"] is None else round(st["later_bytes"], 1)})
+                        f"later_shards_bytes_per_token_k{k}": None if st["later_bytes"] is None else round(st["later_bytes"], 1),
+                        f"encode_us_per_token_k{k}": round(st["encode_us"], 1), f"decode_us_per_token_k{k}": round(st["decode_us"], 1),
+                        f"parquet_layout_k{k}": {n: round(v, 1) if n != "kl" else v for n, v in st["parquet_layout"].items()}})
     if not storage:
         print("\n(storage figures skipped: --throughput-only)")
     else:
-        print(f"\n| k | bytes / target token ({args.shard_rows}-row shards) | shards after the first | KL stored vs exact (nats/token) | by column |"
-              "\n|---|---|---|---|---|")
+        print(f"\n| k | layout | bytes / target token ({args.shard_rows}-row shards) | shards after the first | KL stored vs exact (nats/token) | "
+              "encode + write / read + decode, CPU us per token | by column |\n|---|---|---|---|---|---|---|")
     for k, st in storage.items():
         later = "-" if st["later_bytes"] is None else f"{st['later_bytes']:.1f}"
-        print(f"| {k} | {st['bytes']:.1f} | {later} | {st['kl']:.2e} | {', '.join(f'{n} {v}' for n, v in st['columns'].items())} |")
+        print(f"| {k} | coded (v7) | {st['bytes']:.1f} | {later} | {st['kl']:.2e} | {st['encode_us']:.1f} / {st['decode_us']:.1f} | "
+              f"{', '.join(f'{n} {v}' for n, v in st['columns'].items())} |")
+        v6 = st["parquet_layout"]
+        print(f"| {k} | Parquet (v6) | {v6['bytes']:.1f} | | {v6['kl']:.2e} | {v6['encode_us']:.1f} / {v6['decode_us']:.1f} | |")
     if args.gemma_storage:
         figures.update(gemma_storage(args))
     if args.json:
