@@ -1,11 +1,12 @@
-"""Entropy coding of the top-k token ids and log-prob steps of teacher signals (schema v7's ``topk_coded``).
+"""Entropy coding of teacher signals: schema v7's ``topk_coded``, one value per row.
 
 Parquet's column codecs cannot get close to what these columns hold. The ids come from a 262k-token
 vocabulary (Gemma 3) with a very skewed use: byte planes plus zstd spend ~12.5 bits on an id whose
 entropy is ~11 bits, and the Huffman stage of zstd spends at least one bit on every log-prob step,
-where most steps at the low ranks carry a fraction of a bit (measured in BENCHMARKS.md, "Signal
-storage"). So each row's ids and steps are coded as one stream with asymmetric numeral systems,
-using ``constriction``'s coder (Rust) and static models learned once per signals directory.
+where most steps at the low ranks carry a fraction of a bit (BENCHMARKS.md, "Gemma storage with
+schema v7's coded layout"). So each row's ids, steps, tail and target are coded as one stream with
+asymmetric numeral systems, using ``constriction``'s coder (Rust) and static models learned once per
+signals directory.
 
 The models (``SignalCodec``), learned from the first shard's worth of rows (``learn_codec``):
 
@@ -17,10 +18,13 @@ The models (``SignalCodec``), learned from the first shard's worth of rows (``le
 * **steps** (``topk_logprob_steps``, see ``raydistill.data.signals``): one model per octave of rank
   (the step into rank 1, ranks 2-3, 4-7, ...), over 0..254 plus an escape; an escaped step is
   coded uniformly in 16 bits (masked entries' 65535 and rare large gaps).
+* **tail**: its logit, quantized (``tail_symbols``); **target** (``target_logprob_step``): 0..1022
+  plus an escape to 16 bits (65535 = no target at that position).
 
-A row's stream (``encode_rows``): one header word (positions << 12 | k), then the ANS words. Decoding
-reads, in order: the P x k id symbols, the escaped ids' lengths and bits, each rank octave's steps,
-the escaped steps. Rows are independent, so Ray Data can split and slice shards as it likes.
+A row's value (``encode_rows``): one header word (has targets << 31 | positions << 12 | k), then the
+ANS words. Decoding reads, in order: the P x k id symbols, the escaped ids' lengths and bits, each
+rank octave's steps, the escaped steps, the tails, the targets and their escapes. Rows are
+independent, so Ray Data can split, slice and filter shards as it likes.
 """
 
 from __future__ import annotations

@@ -214,11 +214,9 @@ class _RejectSink:
 
     def __init__(self, parts_dir: str, signals_dir: str, tokenizer_path: str | None = None, teacher_name: str | None = None,
                  domain: bool = False):
-        from raydistill.data.signals import read_signal_meta
+        from raydistill.data.signals import read_signal_meta, signal_codec
 
         self.parts_dir, self.signals_dir, self.teacher_name, self.domain = parts_dir, signals_dir, teacher_name, domain
-        from raydistill.data.signals import signal_codec
-
         self.codec = signal_codec(read_signal_meta(signals_dir))
         self.tokenizer = None
         if tokenizer_path is not None:
