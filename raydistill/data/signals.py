@@ -102,8 +102,8 @@ learned from the first batch the pass's sink sees, ``teacher_pass.shard_rows`` r
 ``topk_ids``, ``topk_logprob_steps``, tail and ``target_logprob_step`` are coded together into one
 ``topk_coded`` binary value with asymmetric numeral systems. The ids are coded as themselves (no
 ``topk_id_order``), the steps and ``target_logprob_step`` as above, and the tail as its logit in
-steps of 1/16 (both the tail and the top-k mass to within 1/32 of themselves, which the float16 log
-could not give the top-k mass where the tail is near 1). Parquet's codecs spend ~12.5 bits on an id of
+steps of 1/64 (``raydistill.data.entropy.TAIL_LOGIT_SCALE``: both the tail and the top-k mass to within
+1/128 of themselves, so a decoded log-prob is within ``1 / scale`` + 1/128 nats of the engine's). Parquet's codecs spend ~12.5 bits on an id of
 ~11 bits of entropy and at least a bit on every step; the coded layout gets within a few percent of
 the models' entropy (104 -> 87 B/token on Gemma 3 at k = 50, BENCHMARKS.md). Rows stay independent,
 so Ray Data may split, slice and filter shards as before. A v7 directory without ``signal_codec``
