@@ -11,17 +11,26 @@ exactly ``--max-tokens`` tokens) go through:
 
 1. ``bare``: vLLM's ``AsyncLLMEngine`` in this process, ``--concurrency`` coroutines sending one
    request after another;
-2. ``serve``: the app ``raydistill serve`` builds (API key on), serving the student and the
-   teacher side by side on a local Ray, driven by the same number of ``openai.AsyncOpenAI``
-   clients over loopback HTTP.
+2. ``vllm_http``: vLLM's own OpenAI server (``vllm serve``, one process with its engine core, API key
+   on, its access log off) with the same engine arguments, driven by the same number of
+   ``openai.AsyncOpenAI`` clients over loopback HTTP: what any HTTP path costs here, the reference
+   for the Serve path's own overhead (``--skip-vllm-http`` leaves it out);
+3. ``serve``: the app ``raydistill serve`` builds (API key on) for the student alone (the one-model
+   layout: the model's replica is the HTTP ingress), on a local Ray behind Serve's Python proxy,
+   driven by the same clients; then the teacher alone the same way, and (``--skip-two-models``
+   leaves it out) the app serving both side by side, whose ingress routes on ``model``;
+4. ``serve_haproxy``: the student alone again, on a fresh local Ray started with ``serve.haproxy``
+   (HAProxy in front, the replica serving HTTP itself; ``--skip-haproxy`` leaves it out).
 
 Each phase is warmed first; start-up is not timed. Each path runs ``--repeats`` windows of
-``--duration`` seconds (the teacher through Serve: one). Reported per window: completion tokens/s,
+``--duration`` seconds (the teacher and the two-model app: one). Reported per window: completion tokens/s,
 requests/s, p50/p95 request latency; per path the min and median tokens/s; and where the CPU went
 during the path's windows, by process (this process and its descendants only: the machine may be
 shared), with the CPU milliseconds per request. ``serve_over_bare_ratio`` is the student's median
-tokens/s through Serve over bare; ``student_over_teacher_speedup`` is the student's tokens/s over
-the teacher's, both through Serve.
+tokens/s through Serve over bare (``serve_haproxy_over_bare_ratio``: with HAProxy); ``student_over_teacher_speedup`` is the student's tokens/s over
+the teacher's, both through Serve. ``vllm_http_over_bare_ratio`` and ``serve_over_vllm_http_ratio``
+split the Serve path's gap into what HTTP and vLLM's OpenAI layer cost on this machine and what
+Serve adds on top.
 """
 
 from __future__ import annotations
@@ -161,6 +170,39 @@ def bench_serve_model(base: str, model_id: str, prompts: list[str], concurrency:
     return asyncio.run(run())
 
 
+def bench_vllm_http(model: str, prompts: list[str], concurrency: int, max_tokens: int, seconds: float, repeats: int) -> dict:
+    """The student behind vLLM's own OpenAI server, started as a child process on loopback; stopped afterwards."""
+    import subprocess
+    import urllib.request
+
+    port = _free_port()
+    args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name", "student",
+            "--host", "127.0.0.1", "--port", str(port), "--api-key", KEY, "--disable-uvicorn-access-log",
+            "--max-model-len", str(ENGINE_ARGS["max_model_len"]), "--dtype", ENGINE_ARGS["dtype"], "--enforce-eager"]
+    server = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"vllm serve exited with {server.returncode}: {server.stderr.read()[-2000:]}")
+            try:
+                req = urllib.request.Request(f"{base}/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+                with urllib.request.urlopen(req, timeout=5):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("vllm serve did not answer within 600 s") from None
+                time.sleep(1)
+        return bench_serve_model(base, "student", prompts, concurrency, max_tokens, seconds, repeats)
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -177,6 +219,9 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--num-cpus", type=int, default=8, help="logical CPUs for the local Ray")
+    parser.add_argument("--skip-vllm-http", action="store_true", help="leave out the path through vLLM's own OpenAI server")
+    parser.add_argument("--skip-two-models", action="store_true", help="leave out the app serving student and teacher together")
+    parser.add_argument("--skip-haproxy", action="store_true", help="leave out the path with serve.haproxy")
     args = parser.parse_args()
 
     # vLLM on CPU sizes its KV cache from this (GiB), in both phases alike.
@@ -192,30 +237,54 @@ def main() -> int:
     print(f"[bare] {student}: {args.repeats} x {args.duration:.0f} s, concurrency {args.concurrency}, {args.max_tokens} tokens each", flush=True)
     bare = bench_bare(student, prompts, args.concurrency, args.max_tokens, args.duration, args.repeats)
     print(f"[bare] {bare}", flush=True)
+    vllm_http = None
+    if not args.skip_vllm_http:
+        vllm_http = bench_vllm_http(student, prompts, args.concurrency, args.max_tokens, args.duration, args.repeats)
+        print(f"[vllm-http] {vllm_http}", flush=True)
 
     import ray
     from ray import serve as ray_serve
 
     from raydistill.serving.app import deploy
+    from raydistill.serving.commands import ray_env
     from raydistill.serving.guard import key_digest
     from raydistill.serving.targets import Served
     from raydistill.spec import ServeSpec
 
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
-    serve_spec = ServeSpec(port=_free_port(), engine_args=ENGINE_ARGS, max_tokens=max(args.max_tokens, 64),
-                           max_ongoing_requests=max(64, args.concurrency), target_ongoing_requests=args.concurrency)
-    try:
+    spec = ServeSpec(port=_free_port(), engine_args=ENGINE_ARGS, max_tokens=max(args.max_tokens, 64),
+                     max_ongoing_requests=max(64, args.concurrency), target_ongoing_requests=args.concurrency)
+
+    def served(models: list, name: str, prefix: str, repeats: int, serve_spec=spec) -> tuple[dict, float]:
+        """Deploy ``models`` as app ``name`` at ``prefix``, drive the first one, delete the app."""
         t0 = time.perf_counter()
-        base = deploy([Served("student", student), Served("teacher", teacher)], serve_spec, key_digest(KEY))
+        base = deploy(models, serve_spec.model_copy(update={"app_name": name}), key_digest(KEY), route_prefix=prefix)
         startup = time.perf_counter() - t0
-        print(f"[serve] app up in {startup:.0f}s at {base}", flush=True)
-        served_student = bench_serve_model(base, "student", prompts, args.concurrency, args.max_tokens, args.duration, args.repeats)
-        print(f"[serve] student {served_student}", flush=True)
-        served_teacher = bench_serve_model(base, "teacher", prompts, args.concurrency, args.max_tokens, args.duration, 1)
-        print(f"[serve] teacher {served_teacher}", flush=True)
+        print(f"[{name}] up in {startup:.0f}s at {base}", flush=True)
+        result = bench_serve_model(base, models[0].model_id, prompts, args.concurrency, args.max_tokens, args.duration, repeats)
+        print(f"[{name}] {models[0].model_id}: {result}", flush=True)
+        ray_serve.delete(name)
+        return result, startup
+
+    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    served_two = None
+    try:
+        served_student, startup = served([Served("student", student)], "bench-student", "/", args.repeats)
+        served_teacher, _ = served([Served("teacher", teacher)], "bench-teacher", "/teacher", 1)
+        if not args.skip_two_models:
+            served_two, _ = served([Served("student", student), Served("teacher", teacher)], "bench-two", "/two", 1)
     finally:
         ray_serve.shutdown()
         ray.shutdown()
+    served_haproxy = None
+    if not args.skip_haproxy:
+        # serve.haproxy's switch, in the environment of the Ray this process starts, as `raydistill serve` sets it.
+        os.environ.update(ray_env(spec.model_copy(update={"haproxy": True})))
+        ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+        try:
+            served_haproxy, _ = served([Served("student", student)], "bench-haproxy", "/", args.repeats, spec.model_copy(update={"port": _free_port()}))
+        finally:
+            ray_serve.shutdown()
+            ray.shutdown()
 
     import vllm
 
@@ -226,21 +295,31 @@ def main() -> int:
         "bare_student": bare,
         "serve_student": served_student,
         "serve_teacher": served_teacher,
+        **({"serve_two_models_student": served_two} if served_two else {}),
+        **({"serve_haproxy_student": served_haproxy,
+            "serve_haproxy_over_bare_ratio": round(served_haproxy["median_tokens_per_s"] / bare["median_tokens_per_s"], 3)}
+           if served_haproxy else {}),
         "serve_startup_s": round(startup, 1),
         "serve_over_bare_ratio": round(served_student["median_tokens_per_s"] / bare["median_tokens_per_s"], 3),
         "serve_over_bare_ratio_min": round(served_student["min_tokens_per_s"] / bare["min_tokens_per_s"], 3),
+        **({"vllm_http_student": vllm_http,
+            "vllm_http_over_bare_ratio": round(vllm_http["median_tokens_per_s"] / bare["median_tokens_per_s"], 3),
+            "serve_over_vllm_http_ratio": round(served_student["median_tokens_per_s"] / vllm_http["median_tokens_per_s"], 3)} if vllm_http else {}),
         "student_over_teacher_speedup": round(served_student["median_tokens_per_s"] / served_teacher["median_tokens_per_s"], 3),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}, ray {ray.__version__}, vllm {vllm.__version__}",
     }
     Path(args.json).write_text(json.dumps(figures, indent=2))
     print("\n| path | windows tokens/s | min | median | p50 latency (s) | requests |")
     print("|---|---|---|---|---|---|")
-    for name, r in (("bare student", bare), ("serve student", served_student), ("serve teacher", served_teacher)):
+    paths = (("bare student", bare), ("vllm-http student", vllm_http), ("serve student", served_student),
+             ("serve+haproxy student", served_haproxy), ("serve two-model app, student", served_two), ("serve teacher", served_teacher))
+    for name, r in ((n, r) for n, r in paths if r):
         print(f"| {name} | {', '.join(str(w['tokens_per_s']) for w in r['windows'])} | {r['min_tokens_per_s']} | {r['median_tokens_per_s']} | "
               f"{statistics.median(w['p50_latency_s'] for w in r['windows'])} | {r['requests']} |")
-    for name, r in (("bare student", bare), ("serve student", served_student)):
+    for name, r in ((n, r) for n, r in paths[:5] if r):
         print(f"\nCPU ms per request, {name}: " + ", ".join(f"{k} {v}" for k, v in r["cpu_ms_per_request"].items()))
-    print(json.dumps({k: figures[k] for k in ("serve_over_bare_ratio", "student_over_teacher_speedup")}), flush=True)
+    print(json.dumps({k: figures[k] for k in ("serve_over_bare_ratio", "serve_haproxy_over_bare_ratio", "vllm_http_over_bare_ratio", "serve_over_vllm_http_ratio",
+                                              "student_over_teacher_speedup") if k in figures}), flush=True)
     return 0
 
 

@@ -652,6 +652,16 @@ class ServeSpec(_Section):
         ),
     )
     retry_after_s: int = Field(2, ge=0, description="The Retry-After (seconds) of an overload 503.")
+    haproxy: bool = Field(
+        False,
+        description=(
+            "Front the app with HAProxy (Ray Serve's RAY_SERVE_ENABLE_HA_PROXY) instead of Serve's Python proxy, on the Ray "
+            "that `raydistill serve` starts (its local Ray, or the head of --detach): each replica then serves HTTP itself, "
+            "about 1.5x the requests per CPU-second on a small model. Off by default because Ray's HAProxy also opens its "
+            "stats (8404) and metrics (9101) ports on every interface, fixed ports that a second local Ray would collide on. "
+            "On a cluster you connect to (--address, KubeRay), the cluster's own environment decides."
+        ),
+    )
     health_check_period_s: float = Field(
         2.0,
         gt=0,

@@ -49,6 +49,21 @@ def withhold_key(serve: ServeSpec) -> None:
         os.environ.pop(name, None)
 
 
+# Ray Serve reads it where its controller and proxies start, so it is set in the environment of the Ray we start.
+HAPROXY_VAR = "RAY_SERVE_ENABLE_HA_PROXY"
+
+
+def ray_env(serve: ServeSpec) -> dict[str, str]:
+    """Environment variables of the local Ray raydistill starts for ``serve``: ``serve.haproxy``'s switch."""
+    return {HAPROXY_VAR: "1"} if serve.haproxy else {}
+
+
+def _note_cluster_proxy(serve: ServeSpec, address: str) -> None:
+    if serve.haproxy:
+        print(f"note: serve.haproxy applies to a Ray that raydistill starts; on {address} the cluster's own "
+              f"{HAPROXY_VAR} decides which proxy fronts the app.", flush=True)
+
+
 def foreground(models: list[Served], serve: ServeSpec, key: str | None, address: str | None, num_cpus: int) -> int:
     """`raydistill serve PATH...`: deploy, announce, serve until Ctrl-C or SIGTERM, then remove the app."""
     import signal
@@ -60,8 +75,12 @@ def foreground(models: list[Served], serve: ServeSpec, key: str | None, address:
 
     withhold_key(serve)
     if address:
+        _note_cluster_proxy(serve, address)
         ray.init(address=address)
     else:
+        import os
+
+        os.environ.update(ray_env(serve))  # the local Ray's processes inherit this process's environment
         ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     print(f"Starting the OpenAI-compatible app for {len(models)} model(s) ...", flush=True)
     base = deploy(models, serve, _digest(key))
@@ -101,8 +120,10 @@ def detached(models: list[Served], serve: ServeSpec, key: str | None, address: s
             raise SpecError([f"serve --detach: app '{serve.app_name}' already runs on a local head started by raydistill; "
                              f"`raydistill serve --stop` first, or pick another --set serve.app_name"])
         print(f"Starting a local Ray head ({num_cpus} logical CPUs) that outlives this command ...", flush=True)
-        head = lifecycle.start_local_head(num_cpus, secret_vars=_secret_vars(serve))
+        head = lifecycle.start_local_head(num_cpus, secret_vars=_secret_vars(serve), extra_env=ray_env(serve))
         address = head["address"]
+    else:
+        _note_cluster_proxy(serve, address)
     withhold_key(serve)
     try:
         _connect(address)

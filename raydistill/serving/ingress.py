@@ -9,6 +9,14 @@ FastAPI app: the library's (its error handling, request ids and metrics, from ``
 ``DtypeResolvingLLMServer``, the library's ``LLMServer`` choosing its engine dtype on its node. ``GuardedIngress`` only adds the limit checks before handing
 each request to ``OpenAiIngress`` unchanged, so routing, streaming (SSE), model listing and the
 404 for an unknown model stay the library's.
+
+One model is served in one hop instead (``build_guarded_app``): its ``GuardedLLMServer`` deployment is
+itself the HTTP ingress (Ray's "direct streaming" layout, ``serve.ingress()`` over ``LLMServer``), and
+serves vLLM's own OpenAI app, which ``guard_engine_app`` cuts to the same routes and wraps in the same
+guards. Serve's proxy then hands each request straight to the replica that holds the engine, instead
+of to an ingress replica that calls that replica in turn: the hop cost more CPU a request than bare
+vLLM's whole request on a small model (BENCHMARKS.md, "Serving"). Several models keep the ingress,
+which routes on the request's ``model`` field.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoint annotations at route build time.
@@ -23,6 +31,10 @@ from raydistill.serving.guard import ApiKeyMiddleware, BodyLimitMiddleware, Limi
 
 # The library's routes raydistill serves (its DEFAULT_ENDPOINTS keys); the rest need serve.extra_routes.
 BASE_ROUTES = ("models", "model_data", "completions", "chat")
+# Their paths (as in the library's DEFAULT_ENDPOINTS), for cutting vLLM's own app to the same table.
+ROUTE_PATHS = {"models": "/v1/models", "model_data": "/v1/models/{model:path}", "completions": "/v1/completions",
+               "chat": "/v1/chat/completions", "embeddings": "/v1/embeddings", "transcriptions": "/v1/audio/transcriptions",
+               "score": "/v1/score", "tokenize": "/tokenize", "detokenize": "/detokenize"}
 # Default of serve.max_body_bytes, for callers that build the app without a ServeSpec.
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 
@@ -50,26 +62,29 @@ class GuardedIngress(OpenAiIngress):
         return await super().completions(body, request)
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
-        problem = check_chat(body, self._limits)
+        problem = _check_chat_and_cap(body, self._limits)
         if problem:
             return _reject(*problem)
-        if body.max_tokens is None and body.max_completion_tokens is None:
-            # vLLM's default is "the rest of the context"; the server's cap is the documented default.
-            body.max_tokens = self._limits.max_tokens
         return await super().chat(body, request)
 
 
 def build_fastapi_app(key_sha256: str | None, cors_origins: list[str] | tuple[str, ...] = (), max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
-    """The library's FastAPI app (error handling, request ids, metrics) with our guards, without its open CORS.
+    """The library's FastAPI app (error handling, request ids, metrics) with our guards (``guard_app``)."""
+    from ray.llm._internal.serve.core.ingress.ingress import init as init_fastapi_app
 
-    The library's ``init`` allows every origin (with credentials), so any web page could read
+    return guard_app(init_fastapi_app(), key_sha256, cors_origins, max_body_bytes)
+
+
+def guard_app(app, key_sha256: str | None, cors_origins: list[str] | tuple[str, ...] = (), max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+    """``app`` with our middleware: the key check, the body cap, closed CORS and clean 5xx bodies.
+
+    The library's ``init`` and vLLM's app both allow every origin, so any web page could read
     the answers of a server on 127.0.0.1. CORS is ours instead: closed unless
     ``serve.cors_origins`` names origins.
     """
     from fastapi.middleware.cors import CORSMiddleware
-    from ray.llm._internal.serve.core.ingress.ingress import init as init_fastapi_app
 
-    app = init_fastapi_app()
+    app.middleware_stack = None  # vLLM's app builds its stack eagerly; Starlette rebuilds it on first use
     app.user_middleware = [m for m in app.user_middleware if m.cls is not CORSMiddleware]
     # Inside the key check: an unauthenticated client is turned away before its body is read.
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
@@ -87,18 +102,74 @@ def build_fastapi_app(key_sha256: str | None, cors_origins: list[str] | tuple[st
     return app
 
 
+def guard_engine_app(app, limits: Limits, key_sha256: str | None, cors_origins: list[str] | tuple[str, ...] = (),
+                     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, extra_routes: list[str] | tuple[str, ...] = ()):
+    """vLLM's OpenAI app (as ``LLMServer.__serve_build_asgi_app__`` builds it) cut to ``BASE_ROUTES`` plus
+    ``extra_routes``, with the limit checks on completions and chat and ``guard_app``'s middleware.
+
+    vLLM's app also mounts metrics, health, version, docs, Anthropic messages, responses, SageMaker
+    and admin routes (``/scale_elastic_ep``, ``/load``); none of them answers here (404), as on the
+    ingress. Its Prometheus middleware, which timed every request for the ``/metrics`` route, goes too.
+    """
+    from fastapi.routing import APIRoute
+    from prometheus_fastapi_instrumentator.middleware import PrometheusInstrumentatorMiddleware
+
+    kept = {ROUTE_PATHS[name] for name in (*BASE_ROUTES, *extra_routes)}
+    app.router.routes[:] = [r for r in app.router.routes if isinstance(r, APIRoute) and r.path in kept]
+    app.user_middleware = [m for m in app.user_middleware if m.cls is not PrometheusInstrumentatorMiddleware]
+    _check_route(app, ROUTE_PATHS["completions"], lambda body: check_completion(body, limits))
+    _check_route(app, ROUTE_PATHS["chat"], lambda body: _check_chat_and_cap(body, limits))
+    return guard_app(app, key_sha256, cors_origins, max_body_bytes)
+
+
+def _check_chat_and_cap(body, limits: Limits):
+    problem = check_chat(body, limits)
+    if problem is None and body.max_tokens is None and body.max_completion_tokens is None:
+        # vLLM's default is "the rest of the context"; the server's cap is the documented default.
+        body.max_tokens = limits.max_tokens
+    return problem
+
+
+def _check_route(app, path: str, check) -> None:
+    """Put ``check(body) -> (param, message) | None`` in front of the POST route at ``path``: a 400 naming the parameter."""
+    import functools
+
+    from fastapi.routing import APIRoute
+
+    route = next(r for r in app.router.routes if isinstance(r, APIRoute) and r.path == path)
+    endpoint = route.endpoint
+
+    # functools.wraps keeps vLLM's signature (its request model and the raw Request), which FastAPI parses the body by.
+    @functools.wraps(endpoint)
+    async def checked(request, raw_request: Request):
+        problem = check(request)
+        if problem:
+            return _reject(*problem)
+        return await endpoint(request, raw_request)
+
+    app.router.routes.remove(route)
+    app.add_api_route(path, checked, methods=["POST"])
+
+
 def build_guarded_app(llm_configs: list, limits: Limits, key_sha256: str | None, cors_origins: list[str] | tuple[str, ...] = (),
                       max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, extra_routes: list[str] | tuple[str, ...] = (),
                       ingress_options: dict | None = None):
-    """The OpenAI app over ``llm_configs`` (one ``LLMServer`` deployment each), guarded; ``ingress_options``
-    override the library's ingress deployment options (``raydistill.serving.app.ingress_options``)."""
+    """The OpenAI app over ``llm_configs``, guarded. One model: its ``GuardedLLMServer`` deployment alone, the
+    HTTP ingress itself. Several: one ``LLMServer`` deployment each behind ``GuardedIngress``, whose deployment
+    options ``ingress_options`` override (``raydistill.serving.app.ingress_options``)."""
     from ray import serve
     from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
     from ray.serve.llm import build_llm_deployment
     from ray.serve.llm.ingress import make_fastapi_ingress
 
-    from raydistill.serving.server import NAME_PREFIX, DtypeResolvingLLMServer
+    from raydistill.serving.server import NAME_PREFIX, DtypeResolvingLLMServer, GuardedLLMServer
 
+    if len(llm_configs) == 1:
+        guard = {"limits": limits, "key_sha256": key_sha256, "cors_origins": tuple(cors_origins), "max_body_bytes": max_body_bytes,
+                 "extra_routes": tuple(extra_routes)}
+        # serve.ingress() with no app: the class builds its ASGI app in the replica (``__serve_build_asgi_app__``).
+        return build_llm_deployment(llm_configs[0], name_prefix=NAME_PREFIX, deployment_cls=serve.ingress()(GuardedLLMServer),
+                                    bind_kwargs={"guard": guard})
     app = build_fastapi_app(key_sha256, cors_origins, max_body_bytes)
     options = {**GuardedIngress.get_deployment_options(llm_configs), **(ingress_options or {})}
     if "autoscaling_config" in options:  # the library's target (~10^9) must not exceed the bound set here

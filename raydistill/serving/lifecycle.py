@@ -56,8 +56,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def head_env(marker: str | None = None, secret_vars: tuple[str, ...] = ()) -> dict[str, str]:
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
+def head_env(marker: str | None = None, secret_vars: tuple[str, ...] = (), extra_env: dict[str, str] | None = None) -> dict[str, str]:
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false", **(extra_env or {})}
     env.pop("RAY_ADDRESS", None)
     # The API key's variable: every process of the head (and each worker it forks) would hold it in
     # plain text, readable in /proc by this user's other processes; replicas need only its digest.
@@ -86,15 +86,15 @@ def ensure_auth_token(ray_bin: str, env: dict[str, str]) -> None:
         raise RuntimeError(f"could not create a Ray auth token with `ray get-auth-token --generate`: {done.stderr.strip()[-500:]}")
 
 
-def start_local_head(num_cpus: int, timeout_s: float = 120.0, secret_vars: tuple[str, ...] = ()) -> dict:
-    """Start a private local head, without the ``secret_vars`` in its environment; return its record for the state file."""
+def start_local_head(num_cpus: int, timeout_s: float = 120.0, secret_vars: tuple[str, ...] = (), extra_env: dict[str, str] | None = None) -> dict:
+    """Start a private local head, without the ``secret_vars`` in its environment and with ``extra_env``; return its record for the state file."""
     bin_dir = Path(sys.executable).parent
     ray_bin = bin_dir / "ray" if (bin_dir / "ray").exists() else "ray"
     # Short path: Ray's unix socket paths under the temp dir must fit in 107 bytes.
     temp_dir = tempfile.mkdtemp(prefix="rds-", dir="/tmp")
     marker = uuid.uuid4().hex
     port = _free_port()
-    env = head_env(marker, secret_vars)
+    env = head_env(marker, secret_vars, extra_env)
     ensure_auth_token(str(ray_bin), env)
     log = open(Path(temp_dir) / "head.log", "w")
     proc = subprocess.Popen(

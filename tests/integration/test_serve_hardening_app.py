@@ -1,7 +1,8 @@
 """The hardened app against a real local Serve: 413 on oversize bodies, chat limits counting tools and documents,
 switched-off routes answering 404; plus the CLI's refusals (exposed host without a key, remote code without the flag).
 
-One small app for the module, shut down after it, as in test_serve.py.
+One small app for the module (the tiny student and teacher, so the guarded ingress that routes between them is
+what these tests meet; test_serve.py meets the one-model layout), shut down after it, as in test_serve.py.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 MAX_BODY = 8192
 MODEL = "tiny-student"
+TEACHER = "tiny-teacher"
 KEY_ENV = "RAYDISTILL_TEST_SERVE_KEY"
 KEY = "test-key-hardening-51e2"  # a test-only secret; the app receives only its digest
 
@@ -46,7 +48,8 @@ def hardened(ray_local, model_paths):
 
     serve = ServeSpec(port=_free_port(), api_key_env=KEY_ENV, engine_args={"max_model_len": 512, "enforce_eager": True},
                       max_tokens=16, max_prompt_chars=400, max_n=1, max_body_bytes=MAX_BODY, app_name="rd-hardening")
-    base = deploy([Served(MODEL, model_paths[1])], serve, key_digest(KEY))
+    # Two models: the layout with the ingress that routes on `model` (one model is served without it, test_serve.py).
+    base = deploy([Served(MODEL, model_paths[1]), Served(TEACHER, model_paths[0])], serve, key_digest(KEY))
     yield base
     ray_serve.shutdown()
 

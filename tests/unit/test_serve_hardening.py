@@ -128,6 +128,16 @@ def test_the_api_key_variable_stays_out_of_the_ray_processes_we_start(monkeypatc
     assert "RD_TEST_KEY" not in os.environ
 
 
+def test_serve_haproxy_reaches_only_the_ray_we_start(monkeypatch):
+    from raydistill.serving import lifecycle
+    from raydistill.serving.commands import HAPROXY_VAR, ray_env
+    from raydistill.spec import ServeSpec
+
+    monkeypatch.delenv(HAPROXY_VAR, raising=False)
+    assert ray_env(ServeSpec()) == {} and HAPROXY_VAR not in lifecycle.head_env("m", (), ray_env(ServeSpec()))
+    assert lifecycle.head_env("m", (), ray_env(ServeSpec(haproxy=True)))[HAPROXY_VAR] == "1"
+
+
 # --------------------------------------------------------------------------- process safety
 
 

@@ -139,3 +139,57 @@ def test_the_single_worker_engine_overrides_what_the_library_still_calls():
     assert "Executor.get_class(vllm_engine_config)" in inspect.getsource(VLLMEngine._start_async_llm_engine)
     # serve --status reads the started engine's config through the attribute the library keeps it in.
     assert "self._engine_client = self._start_async_llm_engine(" in inspect.getsource(VLLMEngine.start)
+
+
+def _vllm_app():
+    """vLLM's own OpenAI app, as ``LLMServer.__serve_build_asgi_app__`` gets it from the engine (no engine here)."""
+    from vllm.entrypoints.launchers.app import build_app
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(["--model", "m"])
+    return build_app(args, supported_tasks=("generate",))
+
+
+def test_vllm_app_is_cut_to_our_routes_and_guarded():
+    """``guard_engine_app`` on vLLM's real app (the one-model layout): only our routes, the key, the limits, the
+    body cap and closed CORS, all answered before vLLM's handlers (which would need an engine)."""
+    from starlette.testclient import TestClient
+
+    from raydistill.serving.guard import key_digest
+    from raydistill.serving.ingress import guard_engine_app
+
+    raw = _vllm_app()
+    assert {"/metrics", "/health", "/version", "/v1/responses", "/scale_elastic_ep", "/v1/messages", "/tokenize"} <= {
+        getattr(r, "path", "") for r in raw.routes}
+    app = guard_engine_app(raw, LIMITS, key_digest("k"), max_body_bytes=4096, extra_routes=("tokenize",))
+    assert {r.path for r in app.routes} == {"/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize"}
+    assert not any("Prometheus" in m.cls.__name__ or m.cls.__name__ == "CORSMiddleware" for m in app.user_middleware)
+
+    client = TestClient(app, raise_server_exceptions=False)
+    key = {"Authorization": "Bearer k"}
+    for method, path in (("GET", "/metrics"), ("GET", "/health"), ("GET", "/version"), ("POST", "/v1/responses"),
+                         ("POST", "/scale_elastic_ep"), ("POST", "/v1/messages"), ("POST", "/detokenize"), ("GET", "/docs")):
+        assert client.request(method, path, headers=key, json={}).status_code == 404, path
+    assert client.get("/v1/models").status_code == 401
+    resp = client.post("/v1/completions", headers=key, json={"model": "m", "prompt": "hi", "max_tokens": 65})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "max_tokens"
+    resp = client.post("/v1/chat/completions", headers=key, json={"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                                                                 "tools": [{"type": "function", "function": {"name": "f" * 200}}]})
+    assert resp.status_code == 400 and "serve.max_prompt_chars" in resp.json()["error"]["message"]
+    assert client.post("/v1/completions", headers=key, content=b"x" * 5000).status_code == 413
+    # A browser's preflight from another origin gets no CORS grant.
+    resp = client.options("/v1/completions", headers={"Origin": "https://elsewhere.example", "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in resp.headers
+    # Within the limits, the request passes the guards to vLLM's handler, which has no engine here: a clean 500.
+    resp = client.post("/v1/completions", headers=key, json={"model": "m", "prompt": "hi", "max_tokens": 4})
+    assert resp.status_code == 500 and resp.json()["error"]["type"] == "server_error"
+
+
+def test_chat_without_max_tokens_gets_the_server_cap_in_the_one_model_layout():
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+    from raydistill.serving.ingress import _check_chat_and_cap
+
+    body = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}])
+    assert _check_chat_and_cap(body, LIMITS) is None and body.max_tokens == LIMITS.max_tokens
