@@ -657,7 +657,7 @@ class ServeSpec(_Section):
         description=(
             "Front the app with HAProxy (Ray Serve's RAY_SERVE_ENABLE_HA_PROXY) instead of Serve's Python proxy, on the Ray "
             "that `raydistill serve` starts (its local Ray, or the head of --detach): each replica then serves HTTP itself, "
-            "about 1.5x the requests per CPU-second on a small model. Off by default because Ray's HAProxy also opens its "
+            "1.28x the tokens/s of the Python proxy's path on a small model (BENCHMARKS.md). Off by default because Ray's HAProxy also opens its "
             "stats (8404) and metrics (9101) ports on every interface, fixed ports that a second local Ray would collide on. "
             "On a cluster you connect to (--address, KubeRay), the cluster's own environment decides."
         ),
