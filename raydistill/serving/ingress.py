@@ -31,10 +31,6 @@ from raydistill.serving.guard import ApiKeyMiddleware, BodyLimitMiddleware, Limi
 
 # The library's routes raydistill serves (its DEFAULT_ENDPOINTS keys); the rest need serve.extra_routes.
 BASE_ROUTES = ("models", "model_data", "completions", "chat")
-# Their paths (as in the library's DEFAULT_ENDPOINTS), for cutting vLLM's own app to the same table.
-ROUTE_PATHS = {"models": "/v1/models", "model_data": "/v1/models/{model:path}", "completions": "/v1/completions",
-               "chat": "/v1/chat/completions", "embeddings": "/v1/embeddings", "transcriptions": "/v1/audio/transcriptions",
-               "score": "/v1/score", "tokenize": "/tokenize", "detokenize": "/detokenize"}
 # Default of serve.max_body_bytes, for callers that build the app without a ServeSpec.
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 
@@ -44,6 +40,19 @@ def endpoint_map(extra_routes=()) -> dict:
     from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS
 
     return {name: route for name, route in DEFAULT_ENDPOINTS.items() if name in BASE_ROUTES or name in extra_routes}
+
+
+def route_paths(endpoints: dict) -> dict[str, str]:
+    """The path of each route in a library-style ``endpoint_map`` (name -> route decorator factory), read off
+    a throwaway app, so that vLLM's own app is cut to exactly the table the ingress serves."""
+    from fastapi import FastAPI
+
+    paths = {}
+    for name, route in endpoints.items():
+        probe = FastAPI()
+        route(probe)(lambda: None)
+        paths[name] = probe.router.routes[-1].path
+    return paths
 
 
 def _reject(param: str, message: str) -> JSONResponse:
@@ -114,11 +123,11 @@ def guard_engine_app(app, limits: Limits, key_sha256: str | None, cors_origins: 
     from fastapi.routing import APIRoute
     from prometheus_fastapi_instrumentator.middleware import PrometheusInstrumentatorMiddleware
 
-    kept = {ROUTE_PATHS[name] for name in (*BASE_ROUTES, *extra_routes)}
-    app.router.routes[:] = [r for r in app.router.routes if isinstance(r, APIRoute) and r.path in kept]
+    paths = route_paths(endpoint_map(extra_routes))
+    app.router.routes[:] = [r for r in app.router.routes if isinstance(r, APIRoute) and r.path in paths.values()]
     app.user_middleware = [m for m in app.user_middleware if m.cls is not PrometheusInstrumentatorMiddleware]
-    _check_route(app, ROUTE_PATHS["completions"], lambda body: check_completion(body, limits))
-    _check_route(app, ROUTE_PATHS["chat"], lambda body: _check_chat_and_cap(body, limits))
+    _check_route(app, paths["completions"], lambda body: check_completion(body, limits))
+    _check_route(app, paths["chat"], lambda body: _check_chat_and_cap(body, limits))
     return guard_app(app, key_sha256, cors_origins, max_body_bytes)
 
 
@@ -136,7 +145,9 @@ def _check_route(app, path: str, check) -> None:
 
     from fastapi.routing import APIRoute
 
-    route = next(r for r in app.router.routes if isinstance(r, APIRoute) and r.path == path)
+    route = next((r for r in app.router.routes if isinstance(r, APIRoute) and r.path == path), None)
+    if route is None:  # a vLLM release that moved the route: serving it unchecked is not an option
+        raise RuntimeError(f"vLLM's OpenAI app has no route {path}; the request limits cannot be applied to it")
     endpoint = route.endpoint
 
     # functools.wraps keeps vLLM's signature (its request model and the raw Request), which FastAPI parses the body by.

@@ -193,3 +193,13 @@ def test_chat_without_max_tokens_gets_the_server_cap_in_the_one_model_layout():
 
     body = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}])
     assert _check_chat_and_cap(body, LIMITS) is None and body.max_tokens == LIMITS.max_tokens
+
+
+def test_an_engine_app_without_the_checked_routes_is_refused():
+    """A vLLM release that moved /v1/completions must fail the replica, not serve the route without limits."""
+    from fastapi import FastAPI
+
+    from raydistill.serving.ingress import guard_engine_app
+
+    with pytest.raises(RuntimeError, match="/v1/completions"):
+        guard_engine_app(FastAPI(), LIMITS, None)
