@@ -10,7 +10,8 @@ The same prompts, concurrency and sampling (greedy, ``ignore_eos`` so every requ
 exactly ``--max-tokens`` tokens) go through:
 
 1. ``bare``: vLLM's ``AsyncLLMEngine`` in this process, ``--concurrency`` coroutines sending one
-   request after another;
+   request after another; then (``--skip-bare-uni`` leaves it out) ``bare_uni``, the same with the engine's
+   worker inside its engine-core process, the layout a CPU replica runs (``serve --status``: ``uni``);
 2. ``vllm_http``: vLLM's own OpenAI server (``vllm serve``, one process with its engine core, API key
    on, its access log off) with the same engine arguments, driven by the same number of
    ``openai.AsyncOpenAI`` clients over loopback HTTP: what any HTTP path costs here, the reference
@@ -30,7 +31,8 @@ shared), with the CPU milliseconds per request. ``serve_over_bare_ratio`` is the
 tokens/s through Serve over bare (``serve_haproxy_over_bare_ratio``: with HAProxy); ``student_over_teacher_speedup`` is the student's tokens/s over
 the teacher's, both through Serve. ``vllm_http_over_bare_ratio`` and ``serve_over_vllm_http_ratio``
 split the Serve path's gap into what HTTP and vLLM's OpenAI layer cost on this machine and what
-Serve adds on top.
+Serve adds on top. ``serve_over_bare_uni_ratio`` (and ``serve_haproxy_over_bare_uni_ratio``) compare Serve with the
+bare engine in the replica's own layout: what the HTTP path alone costs.
 """
 
 from __future__ import annotations
@@ -132,10 +134,15 @@ def cpu_delta(before: dict, after: dict) -> dict[str, float]:
     return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
 
 
-def bench_bare(model: str, prompts: list[str], concurrency: int, max_tokens: int, seconds: float, repeats: int) -> dict:
+def bench_bare(model: str, prompts: list[str], concurrency: int, max_tokens: int, seconds: float, repeats: int, uni: bool = False) -> dict:
+    """The engine in this process; ``uni``: with its worker inside the engine-core process, as a CPU replica runs it."""
     from vllm import AsyncEngineArgs, AsyncLLMEngine, SamplingParams
 
-    engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(model=model, **ENGINE_ARGS))
+    from raydistill.engine_process import single_worker_in_engine_core
+
+    extra = {"distributed_executor_backend": "uni"} if uni else {}
+    with single_worker_in_engine_core(extra):
+        engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(model=model, **ENGINE_ARGS, **extra))
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     counter = [0]
 
@@ -219,6 +226,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--num-cpus", type=int, default=8, help="logical CPUs for the local Ray")
+    parser.add_argument("--skip-bare-uni", action="store_true", help="leave out the bare engine in the replica's layout (worker in the engine core)")
     parser.add_argument("--skip-vllm-http", action="store_true", help="leave out the path through vLLM's own OpenAI server")
     parser.add_argument("--skip-two-models", action="store_true", help="leave out the app serving student and teacher together")
     parser.add_argument("--skip-haproxy", action="store_true", help="leave out the path with serve.haproxy")
@@ -237,6 +245,10 @@ def main() -> int:
     print(f"[bare] {student}: {args.repeats} x {args.duration:.0f} s, concurrency {args.concurrency}, {args.max_tokens} tokens each", flush=True)
     bare = bench_bare(student, prompts, args.concurrency, args.max_tokens, args.duration, args.repeats)
     print(f"[bare] {bare}", flush=True)
+    bare_uni = None
+    if not args.skip_bare_uni:
+        bare_uni = bench_bare(student, prompts, args.concurrency, args.max_tokens, args.duration, args.repeats, uni=True)
+        print(f"[bare-uni] {bare_uni}", flush=True)
     vllm_http = None
     if not args.skip_vllm_http:
         vllm_http = bench_vllm_http(student, prompts, args.concurrency, args.max_tokens, args.duration, args.repeats)
@@ -293,6 +305,9 @@ def main() -> int:
         "duration_s": args.duration, "repeats": args.repeats, "concurrency": args.concurrency, "max_tokens": args.max_tokens,
         "engine_args": ENGINE_ARGS,
         "bare_student": bare,
+        **({"bare_uni_student": bare_uni,
+            "serve_haproxy_over_bare_uni_ratio": round(served_haproxy["median_tokens_per_s"] / bare_uni["median_tokens_per_s"], 3) if served_haproxy else None,
+            "serve_over_bare_uni_ratio": round(served_student["median_tokens_per_s"] / bare_uni["median_tokens_per_s"], 3)} if bare_uni else {}),
         "serve_student": served_student,
         "serve_teacher": served_teacher,
         **({"serve_two_models_student": served_two} if served_two else {}),
@@ -311,14 +326,15 @@ def main() -> int:
     Path(args.json).write_text(json.dumps(figures, indent=2))
     print("\n| path | windows tokens/s | min | median | p50 latency (s) | requests |")
     print("|---|---|---|---|---|---|")
-    paths = (("bare student", bare), ("vllm-http student", vllm_http), ("serve student", served_student),
+    paths = (("bare student", bare), ("bare student, worker in the engine core", bare_uni), ("vllm-http student", vllm_http), ("serve student", served_student),
              ("serve+haproxy student", served_haproxy), ("serve two-model app, student", served_two), ("serve teacher", served_teacher))
     for name, r in ((n, r) for n, r in paths if r):
         print(f"| {name} | {', '.join(str(w['tokens_per_s']) for w in r['windows'])} | {r['min_tokens_per_s']} | {r['median_tokens_per_s']} | "
               f"{statistics.median(w['p50_latency_s'] for w in r['windows'])} | {r['requests']} |")
-    for name, r in ((n, r) for n, r in paths[:5] if r):
+    for name, r in ((n, r) for n, r in paths[:6] if r):
         print(f"\nCPU ms per request, {name}: " + ", ".join(f"{k} {v}" for k, v in r["cpu_ms_per_request"].items()))
     print(json.dumps({k: figures[k] for k in ("serve_over_bare_ratio", "serve_haproxy_over_bare_ratio", "vllm_http_over_bare_ratio", "serve_over_vllm_http_ratio",
+                                              "serve_over_bare_uni_ratio", "serve_haproxy_over_bare_uni_ratio",
                                               "student_over_teacher_speedup") if k in figures}), flush=True)
     return 0
 

@@ -662,6 +662,15 @@ class ServeSpec(_Section):
             "On a cluster you connect to (--address, KubeRay), the cluster's own environment decides."
         ),
     )
+    engine_metrics: bool = Field(
+        False,
+        description=(
+            "Export each replica's vLLM engine metrics (KV-cache use, token counts, latency histograms) to Ray's metrics, "
+            "as ray.serve.llm's log_engine_metrics does by default. Off by default: recording them on every engine step "
+            "cost the served tiny student about a tenth of its tokens/s on 2 cores (BENCHMARKS.md). Serve's own request "
+            "metrics stay on either way."
+        ),
+    )
     health_check_period_s: float = Field(
         2.0,
         gt=0,

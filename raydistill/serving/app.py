@@ -57,6 +57,8 @@ def llm_config(model: Served, serve: ServeSpec):
         engine_kwargs=engine_args,
         runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": CPU_KV_CACHE_GIB, "VLLM_CPU_OMP_THREADS_BIND": threads_bind_env(serve.cpu_threads_bind)}},
         placement_group_config={"bundles": [dict(serve.replica_resources)]},
+        # The library's default (True) records vLLM's metrics into Ray's on every engine step, in the replica.
+        log_engine_metrics=serve.engine_metrics,
         deployment_config={
             "max_ongoing_requests": serve.max_ongoing_requests,
             **backpressure(serve),

@@ -286,6 +286,17 @@ def test_serve_cpu_threads_bind_reaches_the_replicas_engine(bind, expected):
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == (expected or ",".join(str(c) for c in sorted(os.sched_getaffinity(0))))
 
 
+def test_engine_metrics_are_opt_in():
+    """vLLM's engine metrics reach Ray's only with serve.engine_metrics (ray.serve.llm records them by default)."""
+    from raydistill.serving.app import llm_config
+    from raydistill.serving.targets import Served
+    from raydistill.spec import ServeSpec
+
+    model = Served("m", "/nonexistent/student")
+    assert llm_config(model, ServeSpec()).log_engine_metrics is False
+    assert llm_config(model, ServeSpec(engine_metrics=True)).log_engine_metrics is True
+
+
 def test_serve_cpu_threads_bind_is_checked():
     from pydantic import ValidationError
 
