@@ -657,7 +657,7 @@ class ServeSpec(_Section):
         description=(
             "Front the app with HAProxy (Ray Serve's RAY_SERVE_ENABLE_HA_PROXY) instead of Serve's Python proxy, on the Ray "
             "that `raydistill serve` starts (its local Ray, or the head of --detach): each replica then serves HTTP itself, "
-            "1.28x the tokens/s of the Python proxy's path on a small model (BENCHMARKS.md). Off by default because Ray's HAProxy also opens its "
+            "1.52x the tokens/s of the Python proxy's path on a small model (BENCHMARKS.md). Off by default because Ray's HAProxy also opens its "
             "stats (8404) and metrics (9101) ports on every interface, fixed ports that a second local Ray would collide on. "
             "On a cluster you connect to (--address, KubeRay), the cluster's own environment decides."
         ),
@@ -667,7 +667,7 @@ class ServeSpec(_Section):
         description=(
             "Export each replica's vLLM engine metrics (KV-cache use, token counts, latency histograms) to Ray's metrics, "
             "as ray.serve.llm's log_engine_metrics does by default. Off by default: recording them on every engine step "
-            "cost the served tiny student about a tenth of its tokens/s on 2 cores (BENCHMARKS.md). Serve's own request "
+            "cost the served tiny student 13 % of its tokens/s in an A/B on 2 cores (BENCHMARKS.md). Serve's own request "
             "metrics stay on either way."
         ),
     )
