@@ -306,8 +306,9 @@ def main() -> int:
         "engine_args": ENGINE_ARGS,
         "bare_student": bare,
         **({"bare_uni_student": bare_uni,
-            "serve_haproxy_over_bare_uni_ratio": round(served_haproxy["median_tokens_per_s"] / bare_uni["median_tokens_per_s"], 3) if served_haproxy else None,
             "serve_over_bare_uni_ratio": round(served_student["median_tokens_per_s"] / bare_uni["median_tokens_per_s"], 3)} if bare_uni else {}),
+        **({"serve_haproxy_over_bare_uni_ratio": round(served_haproxy["median_tokens_per_s"] / bare_uni["median_tokens_per_s"], 3)}
+           if bare_uni and served_haproxy else {}),
         "serve_student": served_student,
         "serve_teacher": served_teacher,
         **({"serve_two_models_student": served_two} if served_two else {}),
@@ -331,7 +332,7 @@ def main() -> int:
     for name, r in ((n, r) for n, r in paths if r):
         print(f"| {name} | {', '.join(str(w['tokens_per_s']) for w in r['windows'])} | {r['min_tokens_per_s']} | {r['median_tokens_per_s']} | "
               f"{statistics.median(w['p50_latency_s'] for w in r['windows'])} | {r['requests']} |")
-    for name, r in ((n, r) for n, r in paths[:6] if r):
+    for name, r in ((n, r) for n, r in paths if r):
         print(f"\nCPU ms per request, {name}: " + ", ".join(f"{k} {v}" for k, v in r["cpu_ms_per_request"].items()))
     print(json.dumps({k: figures[k] for k in ("serve_over_bare_ratio", "serve_haproxy_over_bare_ratio", "vllm_http_over_bare_ratio", "serve_over_vllm_http_ratio",
                                               "serve_over_bare_uni_ratio", "serve_haproxy_over_bare_uni_ratio",
