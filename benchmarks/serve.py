@@ -4,7 +4,7 @@ and the student versus its teacher.
 Run from the repository root (it starts vLLM and Ray, so under the shared lock on our machines):
 
     .venv/bin/python benchmarks/serve.py --json out.json [--student tiny:student] [--teacher tiny:teacher]
-        [--duration 30] [--repeats 3] [--concurrency 8] [--max-tokens 32]
+        [--duration 30] [--repeats 3] [--concurrency 8] [--max-tokens 32] [--client aiohttp|openai]
 
 The same prompts, concurrency and sampling (greedy, ``ignore_eos`` so every request generates
 exactly ``--max-tokens`` tokens) go through:
@@ -13,8 +13,9 @@ exactly ``--max-tokens`` tokens) go through:
    request after another; then (``--skip-bare-uni`` leaves it out) ``bare_uni``, the same with the engine's
    worker inside its engine-core process, the layout a CPU replica runs (``serve --status``: ``uni``);
 2. ``vllm_http``: vLLM's own OpenAI server (``vllm serve``, one process with its engine core, API key
-   on, its access log off) with the same engine arguments, driven by the same number of
-   ``openai.AsyncOpenAI`` clients over loopback HTTP: what any HTTP path costs here, the reference
+   on, its access log off) with the same engine arguments, driven by the same number of HTTP clients
+   over loopback (``--client``: ``aiohttp`` by default, as vLLM's own serving benchmark; ``openai``, the official
+   SDK, costs the shared cores ~6x the CPU a request): what any HTTP path costs here, the reference
    for the Serve path's own overhead (``--skip-vllm-http`` leaves it out);
 3. ``serve``: the app ``raydistill serve`` builds (API key on) for the student alone (the one-model
    layout: the model's replica is the HTTP ingress), on a local Ray behind Serve's Python proxy,
@@ -159,25 +160,53 @@ def bench_bare(model: str, prompts: list[str], concurrency: int, max_tokens: int
         engine.shutdown()
 
 
-def bench_serve_model(base: str, model_id: str, prompts: list[str], concurrency: int, max_tokens: int, seconds: float, repeats: int) -> dict:
-    import openai
+def bench_serve_model(base: str, model_id: str, prompts: list[str], concurrency: int, max_tokens: int, seconds: float, repeats: int,
+                      client: str = "aiohttp") -> dict:
+    """Drive ``/v1/completions`` at ``base`` with ``concurrency`` clients: ``aiohttp`` (one keep-alive connection per client,
+    the JSON read as-is) or the official ``openai`` SDK (httpx, and pydantic models for every request and response)."""
+    if client == "openai":
+        import openai
+
+        async def run():
+            sdk = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0, timeout=600)
+
+            async def one(prompt: str) -> int:
+                out = await sdk.completions.create(
+                    model=model_id, prompt=prompt, max_tokens=max_tokens, temperature=0.0, extra_body={"ignore_eos": True})
+                return out.usage.completion_tokens
+
+            result = await _windows(prompts, concurrency, one, seconds, repeats)
+            await sdk.close()
+            return result
+
+        return asyncio.run(run())
+
+    # aiohttp, as vLLM's own serving benchmark drives a server: the clients share the server's cores here, and the
+    # SDK's per-request work (about 1.3 ms of CPU against aiohttp's 0.2 on our 2-core machine, BENCHMARKS.md) would be
+    # counted as the server's.
+    import aiohttp
 
     async def run():
-        client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0, timeout=600)
+        connector = aiohttp.TCPConnector(limit=concurrency)
+        timeout = aiohttp.ClientTimeout(total=600)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers={"Authorization": f"Bearer {KEY}"}) as session:
+            url = f"{base}/v1/completions"
 
-        async def one(prompt: str) -> int:
-            out = await client.completions.create(
-                model=model_id, prompt=prompt, max_tokens=max_tokens, temperature=0.0, extra_body={"ignore_eos": True})
-            return out.usage.completion_tokens
+            async def one(prompt: str) -> int:
+                body = {"model": model_id, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
+                async with session.post(url, json=body) as response:
+                    data = await response.json(content_type=None)
+                    if response.status != 200:
+                        raise RuntimeError(f"{url} answered {response.status}: {str(data)[:500]}")
+                    return data["usage"]["completion_tokens"]
 
-        result = await _windows(prompts, concurrency, one, seconds, repeats)
-        await client.close()
-        return result
+            return await _windows(prompts, concurrency, one, seconds, repeats)
 
     return asyncio.run(run())
 
 
-def bench_vllm_http(model: str, prompts: list[str], concurrency: int, max_tokens: int, seconds: float, repeats: int) -> dict:
+def bench_vllm_http(model: str, prompts: list[str], concurrency: int, max_tokens: int, seconds: float, repeats: int,
+                    client: str = "aiohttp") -> dict:
     """The student behind vLLM's own OpenAI server, started as a child process on loopback; stopped afterwards."""
     import subprocess
     import urllib.request
@@ -201,7 +230,7 @@ def bench_vllm_http(model: str, prompts: list[str], concurrency: int, max_tokens
                 if time.monotonic() > deadline:
                     raise RuntimeError("vllm serve did not answer within 600 s") from None
                 time.sleep(1)
-        return bench_serve_model(base, "student", prompts, concurrency, max_tokens, seconds, repeats)
+        return bench_serve_model(base, "student", prompts, concurrency, max_tokens, seconds, repeats, client)
     finally:
         server.terminate()
         try:
@@ -226,6 +255,8 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--num-cpus", type=int, default=8, help="logical CPUs for the local Ray")
+    parser.add_argument("--client", choices=("aiohttp", "openai"), default="aiohttp",
+                        help="the HTTP clients: aiohttp (the default, light on the shared cores) or the official openai SDK")
     parser.add_argument("--skip-bare-uni", action="store_true", help="leave out the bare engine in the replica's layout (worker in the engine core)")
     parser.add_argument("--skip-vllm-http", action="store_true", help="leave out the path through vLLM's own OpenAI server")
     parser.add_argument("--skip-two-models", action="store_true", help="leave out the app serving student and teacher together")
@@ -251,7 +282,7 @@ def main() -> int:
         print(f"[bare-uni] {bare_uni}", flush=True)
     vllm_http = None
     if not args.skip_vllm_http:
-        vllm_http = bench_vllm_http(student, prompts, args.concurrency, args.max_tokens, args.duration, args.repeats)
+        vllm_http = bench_vllm_http(student, prompts, args.concurrency, args.max_tokens, args.duration, args.repeats, args.client)
         print(f"[vllm-http] {vllm_http}", flush=True)
 
     import ray
@@ -272,7 +303,7 @@ def main() -> int:
         base = deploy(models, serve_spec.model_copy(update={"app_name": name}), key_digest(KEY), route_prefix=prefix)
         startup = time.perf_counter() - t0
         print(f"[{name}] up in {startup:.0f}s at {base}", flush=True)
-        result = bench_serve_model(base, models[0].model_id, prompts, args.concurrency, args.max_tokens, args.duration, repeats)
+        result = bench_serve_model(base, models[0].model_id, prompts, args.concurrency, args.max_tokens, args.duration, repeats, args.client)
         print(f"[{name}] {models[0].model_id}: {result}", flush=True)
         ray_serve.delete(name)
         return result, startup
@@ -303,7 +334,7 @@ def main() -> int:
     figures = {
         "student": args.student, "teacher": args.teacher,
         "duration_s": args.duration, "repeats": args.repeats, "concurrency": args.concurrency, "max_tokens": args.max_tokens,
-        "engine_args": ENGINE_ARGS,
+        "engine_args": ENGINE_ARGS, "client": args.client,
         "bare_student": bare,
         **({"bare_uni_student": bare_uni,
             "serve_over_bare_uni_ratio": round(served_student["median_tokens_per_s"] / bare_uni["median_tokens_per_s"], 3)} if bare_uni else {}),
