@@ -18,22 +18,24 @@ exactly ``--max-tokens`` tokens) go through:
    SDK, costs the shared cores ~6x the CPU a request): what any HTTP path costs here, the reference
    for the Serve path's own overhead (``--skip-vllm-http`` leaves it out);
 3. ``serve``: the app ``raydistill serve`` builds (API key on) for the student alone (the one-model
-   layout: the model's replica is the HTTP ingress), on a local Ray behind Serve's Python proxy,
-   driven by the same clients; then the teacher alone the same way, and (``--skip-two-models``
-   leaves it out) the app serving both side by side, whose ingress routes on ``model``;
-4. ``serve_haproxy``: the student alone again, on a fresh local Ray started with ``serve.haproxy``
-   (HAProxy in front, the replica serving HTTP itself; ``--skip-haproxy`` leaves it out).
+   layout: the model's replica is the HTTP ingress), on a local Ray started as ``raydistill serve`` starts
+   one with the default spec (``serve.haproxy: auto``: HAProxy in front where Ray finds its binary, the
+   replica serving HTTP itself; ``serve_front`` says which), driven by the same clients; then the teacher
+   alone the same way, and (``--skip-two-models`` leaves it out) the app serving both side by side, whose
+   ingress routes on ``model``;
+4. ``serve_python_proxy``: where the default front is HAProxy, the student alone again on a fresh local
+   Ray with ``serve.haproxy: false``, behind Serve's Python proxy (``--skip-python-proxy`` leaves it out).
 
 Each phase is warmed first; start-up is not timed. Each path runs ``--repeats`` windows of
 ``--duration`` seconds (the teacher and the two-model app: one). Reported per window: completion tokens/s,
 requests/s, p50/p95 request latency; per path the min and median tokens/s; and where the CPU went
 during the path's windows, by process (this process and its descendants only: the machine may be
 shared), with the CPU milliseconds per request. ``serve_over_bare_ratio`` is the student's median
-tokens/s through Serve over bare (``serve_haproxy_over_bare_ratio``: with HAProxy); ``student_over_teacher_speedup`` is the student's tokens/s over
-the teacher's, both through Serve. ``vllm_http_over_bare_ratio`` and ``serve_over_vllm_http_ratio``
-split the Serve path's gap into what HTTP and vLLM's OpenAI layer cost on this machine and what
-Serve adds on top. ``serve_over_bare_uni_ratio`` (and ``serve_haproxy_over_bare_uni_ratio``) compare Serve with the
-bare engine in the replica's own layout: what the HTTP path alone costs.
+tokens/s through the default app over bare (``serve_python_proxy_over_bare_ratio``: behind the Python proxy);
+``student_over_teacher_speedup`` is the student's tokens/s over the teacher's, both through Serve.
+``vllm_http_over_bare_ratio`` and ``serve_over_vllm_http_ratio`` split the Serve path's gap into what HTTP and
+vLLM's OpenAI layer cost on this machine and what Serve adds on top. ``serve_over_bare_uni_ratio`` compares Serve
+with the bare engine in the replica's own layout: what the HTTP path alone costs.
 """
 
 from __future__ import annotations
@@ -260,7 +262,8 @@ def main() -> int:
     parser.add_argument("--skip-bare-uni", action="store_true", help="leave out the bare engine in the replica's layout (worker in the engine core)")
     parser.add_argument("--skip-vllm-http", action="store_true", help="leave out the path through vLLM's own OpenAI server")
     parser.add_argument("--skip-two-models", action="store_true", help="leave out the app serving student and teacher together")
-    parser.add_argument("--skip-haproxy", action="store_true", help="leave out the path with serve.haproxy")
+    parser.add_argument("--skip-python-proxy", action="store_true",
+                        help="leave out the student behind Serve's Python proxy (serve.haproxy: false), run where the default front is HAProxy")
     args = parser.parse_args()
 
     # vLLM on CPU sizes its KV cache from this (GiB), in both phases alike.
@@ -289,7 +292,7 @@ def main() -> int:
     from ray import serve as ray_serve
 
     from raydistill.serving.app import deploy
-    from raydistill.serving.commands import ray_env
+    from raydistill.serving.local_ray import ray_env, runtime_env, uses_haproxy
     from raydistill.serving.guard import key_digest
     from raydistill.serving.targets import Served
     from raydistill.spec import ServeSpec
@@ -308,26 +311,36 @@ def main() -> int:
         ray_serve.delete(name)
         return result, startup
 
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
-    served_two = None
-    try:
-        served_student, startup = served([Served("student", student)], "bench-student", "/", args.repeats)
-        served_teacher, _ = served([Served("teacher", teacher)], "bench-teacher", "/teacher", 1)
-        if not args.skip_two_models:
-            served_two, _ = served([Served("student", student), Served("teacher", teacher)], "bench-two", "/two", 1)
-    finally:
-        ray_serve.shutdown()
-        ray.shutdown()
-    served_haproxy = None
-    if not args.skip_haproxy:
-        # serve.haproxy's switch, in the environment of the Ray this process starts, as `raydistill serve` sets it.
-        os.environ.update(ray_env(spec.model_copy(update={"haproxy": True})))
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    def on_local_ray(serve_spec: ServeSpec, run):
+        """``run()`` on a fresh local Ray started the way `raydistill serve` starts one for ``serve_spec``: its
+        environment (HAProxy's switch, ports and drain) and its job runtime env (the loopback hook)."""
+        saved = dict(os.environ)
+        haproxy = uses_haproxy(serve_spec)
+        os.environ.update(ray_env(serve_spec, haproxy))
+        ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env(serve_spec, haproxy))
         try:
-            served_haproxy, _ = served([Served("student", student)], "bench-haproxy", "/", args.repeats, spec.model_copy(update={"port": _free_port()}))
+            return run()
         finally:
             ray_serve.shutdown()
             ray.shutdown()
+            os.environ.clear()
+            os.environ.update(saved)
+
+    def default_paths():
+        student_run = served([Served("student", student)], "bench-student", "/", args.repeats)
+        teacher_run, _ = served([Served("teacher", teacher)], "bench-teacher", "/teacher", 1)
+        two_run = None
+        if not args.skip_two_models:
+            two_run, _ = served([Served("student", student), Served("teacher", teacher)], "bench-two", "/two", 1)
+        return student_run, teacher_run, two_run
+
+    front = "haproxy" if uses_haproxy(spec) else "python proxy"
+    print(f"[serve] the default front here: {front}", flush=True)
+    (served_student, startup), served_teacher, served_two = on_local_ray(spec, default_paths)
+    served_proxy = None
+    if not args.skip_python_proxy and front == "haproxy":
+        proxy_spec = spec.model_copy(update={"haproxy": False, "port": _free_port()})
+        served_proxy, _ = on_local_ray(proxy_spec, lambda: served([Served("student", student)], "bench-python-proxy", "/", args.repeats, proxy_spec))
 
     import vllm
 
@@ -338,14 +351,13 @@ def main() -> int:
         "bare_student": bare,
         **({"bare_uni_student": bare_uni,
             "serve_over_bare_uni_ratio": round(served_student["median_tokens_per_s"] / bare_uni["median_tokens_per_s"], 3)} if bare_uni else {}),
-        **({"serve_haproxy_over_bare_uni_ratio": round(served_haproxy["median_tokens_per_s"] / bare_uni["median_tokens_per_s"], 3)}
-           if bare_uni and served_haproxy else {}),
+        "serve_front": front,
         "serve_student": served_student,
         "serve_teacher": served_teacher,
         **({"serve_two_models_student": served_two} if served_two else {}),
-        **({"serve_haproxy_student": served_haproxy,
-            "serve_haproxy_over_bare_ratio": round(served_haproxy["median_tokens_per_s"] / bare["median_tokens_per_s"], 3)}
-           if served_haproxy else {}),
+        **({"serve_python_proxy_student": served_proxy,
+            "serve_python_proxy_over_bare_ratio": round(served_proxy["median_tokens_per_s"] / bare["median_tokens_per_s"], 3)}
+           if served_proxy else {}),
         "serve_startup_s": round(startup, 1),
         "serve_over_bare_ratio": round(served_student["median_tokens_per_s"] / bare["median_tokens_per_s"], 3),
         "serve_over_bare_ratio_min": round(served_student["min_tokens_per_s"] / bare["min_tokens_per_s"], 3),
@@ -358,15 +370,15 @@ def main() -> int:
     Path(args.json).write_text(json.dumps(figures, indent=2))
     print("\n| path | windows tokens/s | min | median | p50 latency (s) | requests |")
     print("|---|---|---|---|---|---|")
-    paths = (("bare student", bare), ("bare student, worker in the engine core", bare_uni), ("vllm-http student", vllm_http), ("serve student", served_student),
-             ("serve+haproxy student", served_haproxy), ("serve two-model app, student", served_two), ("serve teacher", served_teacher))
+    paths = (("bare student", bare), ("bare student, worker in the engine core", bare_uni), ("vllm-http student", vllm_http), (f"serve student ({front})", served_student),
+             ("serve student (python proxy)", served_proxy), ("serve two-model app, student", served_two), ("serve teacher", served_teacher))
     for name, r in ((n, r) for n, r in paths if r):
         print(f"| {name} | {', '.join(str(w['tokens_per_s']) for w in r['windows'])} | {r['min_tokens_per_s']} | {r['median_tokens_per_s']} | "
               f"{statistics.median(w['p50_latency_s'] for w in r['windows'])} | {r['requests']} |")
     for name, r in ((n, r) for n, r in paths if r):
         print(f"\nCPU ms per request, {name}: " + ", ".join(f"{k} {v}" for k, v in r["cpu_ms_per_request"].items()))
-    print(json.dumps({k: figures[k] for k in ("serve_over_bare_ratio", "serve_haproxy_over_bare_ratio", "vllm_http_over_bare_ratio", "serve_over_vllm_http_ratio",
-                                              "serve_over_bare_uni_ratio", "serve_haproxy_over_bare_uni_ratio",
+    print(json.dumps({k: figures[k] for k in ("serve_over_bare_ratio", "serve_python_proxy_over_bare_ratio", "vllm_http_over_bare_ratio", "serve_over_vllm_http_ratio",
+                                              "serve_over_bare_uni_ratio",
                                               "student_over_teacher_speedup") if k in figures}), flush=True)
     return 0
 

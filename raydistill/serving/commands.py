@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
+from raydistill.serving.local_ray import HAPROXY_VAR, ray_env, runtime_env, uses_haproxy
 from raydistill.serving.targets import Served
 from raydistill.spec import ServeSpec, SpecError, is_loopback_host
 
@@ -49,17 +50,15 @@ def withhold_key(serve: ServeSpec) -> None:
         os.environ.pop(name, None)
 
 
-# Ray Serve reads it where its controller and proxies start, so it is set in the environment of the Ray we start.
-HAPROXY_VAR = "RAY_SERVE_ENABLE_HA_PROXY"
-
-
-def ray_env(serve: ServeSpec) -> dict[str, str]:
-    """Environment variables of the local Ray raydistill starts for ``serve``: ``serve.haproxy``'s switch."""
-    return {HAPROXY_VAR: "1"} if serve.haproxy else {}
+def _say_front(serve: ServeSpec, haproxy: bool) -> None:
+    if haproxy:
+        print("Front: HAProxy (each replica serves HTTP itself; HAProxy's stats and metrics listen on loopback)", flush=True)
+    else:
+        print("Front: Serve's Python proxy" + (" (Ray finds no HAProxy binary here; serve.haproxy: auto)" if serve.haproxy == "auto" else ""), flush=True)
 
 
 def _note_cluster_proxy(serve: ServeSpec, address: str) -> None:
-    if serve.haproxy:
+    if serve.haproxy is True:
         print(f"note: serve.haproxy applies to a Ray that raydistill starts; on {address} the cluster's own "
               f"{HAPROXY_VAR} decides which proxy fronts the app.", flush=True)
 
@@ -80,8 +79,10 @@ def foreground(models: list[Served], serve: ServeSpec, key: str | None, address:
     else:
         import os
 
-        os.environ.update(ray_env(serve))  # the local Ray's processes inherit this process's environment
-        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+        haproxy = uses_haproxy(serve)
+        _say_front(serve, haproxy)
+        os.environ.update(ray_env(serve, haproxy))  # the local Ray's processes inherit this process's environment
+        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env(serve, haproxy))
     print(f"Starting the OpenAI-compatible app for {len(models)} model(s) ...", flush=True)
     base = deploy(models, serve, _digest(key))
     _announce(models, serve, base)
@@ -100,10 +101,10 @@ def foreground(models: list[Served], serve: ServeSpec, key: str | None, address:
     return 0
 
 
-def _connect(address: str) -> None:
+def _connect(address: str, job_env: dict | None = None) -> None:
     import ray
 
-    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    ray.init(address=address, logging_level="ERROR", log_to_driver=False, runtime_env=job_env)
 
 
 def detached(models: list[Served], serve: ServeSpec, key: str | None, address: str | None, num_cpus: int) -> int:
@@ -113,20 +114,22 @@ def detached(models: list[Served], serve: ServeSpec, key: str | None, address: s
     from raydistill.serving import lifecycle
     from raydistill.serving.app import deploy
 
-    head = None
+    head, job_env = None, None
     if not address:
         previous = lifecycle.read_state(serve.app_name)
         if previous and previous.get("head"):
             raise SpecError([f"serve --detach: app '{serve.app_name}' already runs on a local head started by raydistill; "
                              f"`raydistill serve --stop` first, or pick another --set serve.app_name"])
         print(f"Starting a local Ray head ({num_cpus} logical CPUs) that outlives this command ...", flush=True)
-        head = lifecycle.start_local_head(num_cpus, secret_vars=_secret_vars(serve), extra_env=ray_env(serve))
-        address = head["address"]
+        haproxy = uses_haproxy(serve)
+        _say_front(serve, haproxy)
+        head = lifecycle.start_local_head(num_cpus, secret_vars=_secret_vars(serve), extra_env=ray_env(serve, haproxy))
+        address, job_env = head["address"], runtime_env(serve, haproxy)
     else:
         _note_cluster_proxy(serve, address)
     withhold_key(serve)
     try:
-        _connect(address)
+        _connect(address, job_env)
         print(f"Deploying the OpenAI-compatible app for {len(models)} model(s) on {address} ...", flush=True)
         base = deploy(models, serve, _digest(key))
     except BaseException:

