@@ -669,7 +669,8 @@ class ServeSpec(_Section):
             "Export each replica's vLLM engine metrics (KV-cache use, token counts, latency histograms) to Ray's metrics, "
             "as ray.serve.llm's log_engine_metrics does by default. Off by default: recording them on every engine step "
             "cost the served tiny student 13 % of its tokens/s in an A/B on 2 cores (BENCHMARKS.md). Serve's own request "
-            "metrics stay on either way."
+            "metrics stay on either way. Off, vLLM's per-step statistics are off too (disable_log_stats), unless engine_args "
+            "ask for them."
         ),
     )
     health_check_period_s: float = Field(

@@ -50,6 +50,11 @@ def llm_config(model: Served, serve: ServeSpec):
     from ray.serve.llm import LLMConfig
 
     engine_args = dict(serve.engine_args)
+    if not serve.engine_metrics:
+        # vLLM's per-step statistics (the engine core's scheduler stats, the replica's output-processor stats and
+        # its stat loggers) feed only the engine metrics and vLLM's periodic throughput log line: 7 % of the
+        # replica's samples in a profile, plus the engine core's share (BENCHMARKS.md). engine_args may still ask.
+        engine_args.setdefault("disable_log_stats", True)
     if not has_chat_template(model.path):
         engine_args.setdefault("chat_template", FALLBACK_CHAT_TEMPLATE)
     return LLMConfig(

@@ -352,6 +352,11 @@ def test_engine_metrics_are_opt_in():
     model = Served("m", "/nonexistent/student")
     assert llm_config(model, ServeSpec()).log_engine_metrics is False
     assert llm_config(model, ServeSpec(engine_metrics=True)).log_engine_metrics is True
+    # Without them, vLLM's per-step statistics have no reader: off, unless engine_args ask.
+    assert llm_config(model, ServeSpec()).engine_kwargs["disable_log_stats"] is True
+    assert "disable_log_stats" not in llm_config(model, ServeSpec(engine_metrics=True)).engine_kwargs
+    asked = ServeSpec(engine_args={"disable_log_stats": False})
+    assert llm_config(model, asked).engine_kwargs["disable_log_stats"] is False
 
 
 def test_serve_cpu_threads_bind_is_checked():
