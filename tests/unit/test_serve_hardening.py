@@ -382,3 +382,18 @@ def test_overload_is_bounded_by_default_with_a_503_and_retry_after():
     wide = ServeSpec(max_replicas=3, max_ongoing_requests=10, target_ongoing_requests=5, max_queued_requests=7, retry_after_s=5)
     assert ingress_options(wide, 2) == {"max_ongoing_requests": 60, "max_queued_requests": 7,
                                         "backpressure_config": {"status_code": 503, "retry_after_s": 5}}
+
+
+def test_a_failed_deploy_behind_haproxy_says_how_to_serve_without_it(monkeypatch, capsys):
+    import raydistill.serving.app as app
+    from raydistill.serving import commands
+    from raydistill.spec import ServeSpec
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("HAProxy crashed during startup")
+
+    monkeypatch.setattr(app, "deploy", failing)
+    for haproxy, hinted in ((True, True), (False, False)):
+        with pytest.raises(RuntimeError, match="HAProxy crashed"):
+            commands._deploy([], ServeSpec(), None, haproxy)
+        assert ("--set serve.haproxy=false" in capsys.readouterr().err) is hinted
