@@ -316,8 +316,8 @@ def main() -> int:
         environment (HAProxy's switch, ports and drain) and its job runtime env (the loopback hook)."""
         saved = dict(os.environ)
         haproxy = uses_haproxy(serve_spec)
-        os.environ.update(ray_env(serve_spec, haproxy))
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env(serve_spec, haproxy))
+        os.environ.update(ray_env(haproxy))
+        ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env(haproxy))
         try:
             return run()
         finally:

@@ -93,8 +93,8 @@ def foreground(models: list[Served], serve: ServeSpec, key: str | None, address:
 
         haproxy = uses_haproxy(serve)
         _say_front(serve, haproxy)
-        os.environ.update(ray_env(serve, haproxy))  # the local Ray's processes inherit this process's environment
-        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env(serve, haproxy))
+        os.environ.update(ray_env(haproxy))  # the local Ray's processes inherit this process's environment
+        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env(haproxy))
     print(f"Starting the OpenAI-compatible app for {len(models)} model(s) ...", flush=True)
     base = _deploy(models, serve, key, haproxy)
     _announce(models, serve, base)
@@ -134,8 +134,8 @@ def detached(models: list[Served], serve: ServeSpec, key: str | None, address: s
         print(f"Starting a local Ray head ({num_cpus} logical CPUs) that outlives this command ...", flush=True)
         haproxy = uses_haproxy(serve)
         _say_front(serve, haproxy)
-        head = lifecycle.start_local_head(num_cpus, secret_vars=_secret_vars(serve), extra_env=ray_env(serve, haproxy))
-        address, job_env = head["address"], runtime_env(serve, haproxy)
+        head = lifecycle.start_local_head(num_cpus, secret_vars=_secret_vars(serve), extra_env=ray_env(haproxy))
+        address, job_env = head["address"], runtime_env(haproxy)
     else:
         _note_cluster_proxy(serve, address)
     withhold_key(serve)

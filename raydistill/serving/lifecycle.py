@@ -50,7 +50,7 @@ def clear_state(app_name: str) -> None:
     state_path(app_name).unlink(missing_ok=True)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -93,7 +93,7 @@ def start_local_head(num_cpus: int, timeout_s: float = 120.0, secret_vars: tuple
     # Short path: Ray's unix socket paths under the temp dir must fit in 107 bytes.
     temp_dir = tempfile.mkdtemp(prefix="rds-", dir="/tmp")
     marker = uuid.uuid4().hex
-    port = _free_port()
+    port = free_port()
     env = head_env(marker, secret_vars, extra_env)
     ensure_auth_token(str(ray_bin), env)
     log = open(Path(temp_dir) / "head.log", "w")

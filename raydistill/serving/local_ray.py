@@ -21,8 +21,8 @@ decides which proxy runs.
 from __future__ import annotations
 
 import os
-import socket
 
+from raydistill.serving.lifecycle import free_port
 from raydistill.spec import ServeSpec
 
 # Ray Serve reads these where its controller and proxies start, so they go into the environment of the Ray we start.
@@ -57,23 +57,17 @@ def uses_haproxy(serve: ServeSpec) -> bool:
     return bool(serve.haproxy)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def ray_env(serve: ServeSpec, haproxy: bool | None = None) -> dict[str, str]:
-    """Environment variables of the local Ray raydistill starts for ``serve`` (``haproxy``: already resolved)."""
-    if not (uses_haproxy(serve) if haproxy is None else haproxy):
+def ray_env(haproxy: bool) -> dict[str, str]:
+    """Environment variables of the local Ray raydistill starts, with or without HAProxy (``uses_haproxy``)."""
+    if not haproxy:
         return {}
-    return {HAPROXY_VAR: "1", DRAIN_VAR: LOCAL_DRAIN_S, **{name: str(_free_port()) for name in PORT_VARS}}
+    return {HAPROXY_VAR: "1", DRAIN_VAR: LOCAL_DRAIN_S, **{name: str(free_port()) for name in PORT_VARS}}
 
 
-def runtime_env(serve: ServeSpec, haproxy: bool | None = None) -> dict:
+def runtime_env(haproxy: bool) -> dict:
     """The job runtime env of the driver that deploys on that local Ray: the loopback hook with HAProxy."""
     env: dict = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
-    if uses_haproxy(serve) if haproxy is None else haproxy:
+    if haproxy:
         env["worker_process_setup_hook"] = LOOPBACK_HOOK
     return env
 

@@ -130,14 +130,14 @@ def test_the_api_key_variable_stays_out_of_the_ray_processes_we_start(monkeypatc
 
 def test_serve_haproxy_reaches_only_the_ray_we_start(monkeypatch):
     from raydistill.serving import lifecycle
-    from raydistill.serving.local_ray import DRAIN_VAR, HAPROXY_VAR, LOOPBACK_HOOK, PORT_VARS, ray_env, runtime_env
+    from raydistill.serving.local_ray import DRAIN_VAR, HAPROXY_VAR, LOOPBACK_HOOK, PORT_VARS, ray_env, runtime_env, uses_haproxy
     from raydistill.spec import ServeSpec
 
     monkeypatch.delenv(HAPROXY_VAR, raising=False)
-    off = ServeSpec(haproxy=False)
+    off = uses_haproxy(ServeSpec(haproxy=False))
     assert ray_env(off) == {} and HAPROXY_VAR not in lifecycle.head_env("m", (), ray_env(off))
     assert "worker_process_setup_hook" not in runtime_env(off)
-    on = ServeSpec(haproxy=True)
+    on = uses_haproxy(ServeSpec(haproxy=True))
     env = lifecycle.head_env("m", (), ray_env(on))
     assert env[HAPROXY_VAR] == "1" and float(env[DRAIN_VAR]) <= 5
     # Free ports of their own, not Ray's fixed 8404/9101/8500/9500 that a second local Ray would collide on.
@@ -152,7 +152,7 @@ def test_serve_haproxy_auto_follows_the_binary(monkeypatch):
 
     assert ServeSpec().haproxy == "auto"
     monkeypatch.setattr(local_ray, "haproxy_binary", lambda: None)
-    assert local_ray.uses_haproxy(ServeSpec()) is False and local_ray.ray_env(ServeSpec()) == {}
+    assert local_ray.uses_haproxy(ServeSpec()) is False
     assert local_ray.uses_haproxy(ServeSpec(haproxy=True)) is True  # asked for explicitly: Ray's own error if missing
     monkeypatch.setattr(local_ray, "haproxy_binary", lambda: "/opt/haproxy")
     assert local_ray.uses_haproxy(ServeSpec()) is True and local_ray.uses_haproxy(ServeSpec(haproxy=False)) is False
