@@ -199,8 +199,15 @@ if rank == 0:
     save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(out, "state.safetensors"))
     tokens = fixed[0].tolist()
     trainer = logp[:-1].gather(-1, fixed[0, 1:, None]).squeeze(-1).tolist()
-    json.dump({"tokens": tokens, "trainer_logprobs": trainer}, open(os.path.join(out, "fixed.json"), "w"))
+    with open(os.path.join(out, "fixed.json"), "w") as f:
+        json.dump({"tokens": tokens, "trainer_logprobs": trainer}, f)
 dist.destroy_process_group()
+# Leave without interpreter finalization: DeepSpeed keeps the gloo groups referenced after
+# destroy_process_group, so their C++ threads are joined during finalization, which can abort
+# the process (SIGABRT, "terminate called without an active exception"; pytorch/pytorch#179291)
+# after everything above has succeeded. The outputs are written and flushed by then.
+sys.stdout.flush()
+os._exit(0)
 """
 
 

@@ -156,6 +156,12 @@ for n in (per_rank[rank] for per_rank in steps):
     loss, kd, ce, tokens, grad_norm = train_step(engine, [m], distill, train.loss_chunk_tokens, 2)
     print("RESULT " + json.dumps({"loss": loss, "tokens": tokens, "grad_norm": grad_norm}), flush=True)
 dist.destroy_process_group()
+# Leave without interpreter finalization: DeepSpeed keeps the gloo groups referenced after
+# destroy_process_group, so their C++ threads are joined during finalization, which can abort
+# the process (SIGABRT, "terminate called without an active exception"; pytorch/pytorch#179291)
+# after everything above has succeeded. The outputs are written and flushed by then.
+sys.stdout.flush()
+os._exit(0)
 """
 
 
