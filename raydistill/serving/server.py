@@ -14,13 +14,17 @@ re-imports vLLM and trades each step with the engine core over shared memory.
 
 ``GuardedLLMServer``: the same server as the HTTP ingress of a one-model app, serving vLLM's own
 OpenAI app behind our guards (``raydistill.serving.ingress.guard_engine_app``).
+
+``serve_log_file_kept``: the replica's Serve log file keeps receiving its records after the engine starts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from typing import Any
+import logging.handlers
+from typing import Any, Iterator
 
 from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine
 from ray.serve.llm import LLMServer
@@ -47,6 +51,26 @@ class SingleWorkerVLLMEngine(VLLMEngine):
             return super()._start_async_llm_engine(vllm_engine_args, vllm_engine_config, placement_group)
 
 
+@contextlib.contextmanager
+def serve_log_file_kept(logger_name: str = "ray.serve") -> Iterator[None]:
+    """Reattach the replica's Serve log file to Serve's logger if starting the engine detached it.
+
+    Why: Serve logs a replica through a ``MemoryHandler`` whose target is the replica's file under
+    ``logs/serve/``. Starting a vLLM engine applies vLLM's logging config with ``logging.config.dictConfig``,
+    which closes every handler in the process, and a closed ``MemoryHandler`` drops its target. From then on
+    the replica's records (access lines, the guards' error details by request id) reach only stderr. The
+    handler keeps what arrives meanwhile in its buffer and writes it once its target is back; the file handler
+    reopens its file (append mode) on the next record.
+    """
+    kept = [(h, h.target) for h in logging.getLogger(logger_name).handlers if isinstance(h, logging.handlers.MemoryHandler)]
+    try:
+        yield
+    finally:
+        for handler, target in kept:
+            if handler.target is None and target is not None:
+                handler.setTarget(target)
+
+
 class DtypeResolvingLLMServer(LLMServer):
     async def __init__(self, llm_config, **kwargs: Any):
         # The self-test (once per machine) runs in a child process; keep the replica's loop free meanwhile.
@@ -55,7 +79,8 @@ class DtypeResolvingLLMServer(LLMServer):
         self._hint = engine_dtype.death_hint(engine_args, DTYPE_KEY)
         logger.info("model %s: engine dtype %s (%s)", llm_config.model_id, self._dtype.dtype, self._dtype.reason)
         try:
-            await super().__init__(llm_config, **{"engine_cls": SingleWorkerVLLMEngine, **kwargs})
+            with serve_log_file_kept():
+                await super().__init__(llm_config, **{"engine_cls": SingleWorkerVLLMEngine, **kwargs})
         except Exception as err:
             raise RuntimeError(f"the vLLM engine of model {llm_config.model_id!r} failed to start: {type(err).__name__}: {err}\n{self._hint}") from err
 

@@ -188,6 +188,28 @@ def test_first_request_is_a_short_prompt(served):
     assert payload["usage"]["completion_tokens"] >= 1
 
 
+def _serve_logs(ray) -> Path:
+    """logs/serve of this test session's Ray."""
+    return Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+
+
+def test_the_replica_serve_log_has_its_records_after_the_engine_started(served, ray_local):
+    """The README sends operators to the Serve log of the replica that answered (logs/serve/replica_*.log); the
+    records written there after the engine started (here: the access lines) must be in it, not only on stderr."""
+    logs = _serve_logs(ray_local)
+    status, payload = _raw(served, "/v1/completions", json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 2}).encode())
+    assert status == 200, payload
+    deadline = time.monotonic() + 30
+    while True:
+        files = sorted(logs.glob("replica_*LLMServer*.log"))
+        text = "".join(f.read_text(errors="replace") for f in files)
+        if "POST /v1/completions 200" in text or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert files, f"no replica log under {logs}"
+    assert "POST /v1/completions 200" in text, text[-2000:]
+
+
 def test_lists_the_model(served):
     ids = [m.id for m in _client(served).models.list().data]
     assert ids == [MODEL]
@@ -364,7 +386,7 @@ def _engine_pids() -> list[int]:
     return [pid for pid in _descendants(replicas[0]) if b"VLLM::" in _cmdline(pid)]
 
 
-def test_dead_engine_answers_a_clean_5xx_then_recovers(served):
+def test_dead_engine_answers_a_clean_5xx_then_recovers(served, ray_local):
     """Last in the module: kills the served engine, checks what clients see, and waits for the replacement."""
     import signal
 
@@ -394,6 +416,9 @@ def test_dead_engine_answers_a_clean_5xx_then_recovers(served):
         for leak in ("Traceback", "site-packages", ".py", "pid", "actor", "Error:"):
             assert leak not in text, (leak, payload)
         assert not re.search(r"\b\d{1,3}(\.\d{1,3}){3}\b", text), payload  # no IP address
+    # The detail behind each short error is in the Serve log of the replica that answered, under the request's id.
+    logged = "".join(f.read_text(errors="replace") for f in _serve_logs(ray_local).glob("replica_*LLMServer*.log"))
+    assert any(p["error"]["request_id"] in logged for _, p in failures), "no failed request's id in the replicas' Serve logs"
     assert recovered_after is not None, f"no 200 within {RECOVERY_BOUND_S}s of the engine's death; last: {failures[-1]}"
     print(f"recovered {recovered_after:.0f}s after the engine was killed ({len(failures)} requests failed cleanly)")
     assert _client(served).completions.create(model=MODEL, prompt="the quiet forest", max_tokens=4).usage.completion_tokens >= 1

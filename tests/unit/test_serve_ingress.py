@@ -141,6 +141,43 @@ def test_the_single_worker_engine_overrides_what_the_library_still_calls():
     assert "self._engine_client = self._start_async_llm_engine(" in inspect.getsource(VLLMEngine.start)
 
 
+def _serve_like_logger(name: str, path):
+    """A logger set up as Serve sets up a replica's: a MemoryHandler (capacity 1) in front of a RotatingFileHandler."""
+    import logging
+    import logging.handlers
+
+    logger = logging.getLogger(name)
+    logger.propagate, logger.handlers = False, []
+    logger.setLevel(logging.INFO)
+    logger.addHandler(logging.handlers.MemoryHandler(capacity=1, target=logging.handlers.RotatingFileHandler(path)))
+    return logger
+
+
+def _close_every_handler_of(logger) -> None:
+    """What ``logging.config.dictConfig`` (vLLM's logging setup at engine start) does to every handler in the process."""
+    for handler in logger.handlers:
+        target = handler.target
+        handler.close()
+        target.close()
+
+
+def test_the_serve_log_file_is_reattached_after_the_engine_closes_its_handlers(tmp_path):
+    from raydistill.serving.server import serve_log_file_kept
+
+    bare = _serve_like_logger("raydistill-test.serve-bare", tmp_path / "bare.log")
+    _close_every_handler_of(bare)
+    bare.info("after the engine started")
+    assert "after the engine started" not in (tmp_path / "bare.log").read_text()  # the record is lost: the cause
+
+    kept = _serve_like_logger("raydistill-test.serve-kept", tmp_path / "kept.log")
+    kept.info("before")
+    with serve_log_file_kept("raydistill-test.serve-kept"):
+        _close_every_handler_of(kept)
+        kept.info("while the engine starts")
+    kept.info("after the engine started")
+    assert (tmp_path / "kept.log").read_text().splitlines() == ["before", "while the engine starts", "after the engine started"]
+
+
 def _vllm_app():
     """vLLM's own OpenAI app, as ``LLMServer.__serve_build_asgi_app__`` gets it from the engine (no engine here)."""
     from vllm.entrypoints.launchers.app import build_app
