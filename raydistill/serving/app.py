@@ -98,7 +98,7 @@ def build_app(models: list[Served], serve: ServeSpec, key_sha256: str | None):
     from raydistill.serving.ingress import build_guarded_app
 
     return build_guarded_app([llm_config(m, serve) for m in models], limits_of(serve), key_sha256, serve.cors_origins,
-                             serve.max_body_bytes, serve.extra_routes, ingress_options(serve, len(models)))
+                             serve.max_body_bytes, serve.extra_routes, ingress_options(serve, len(models)), serve.fast_completions)
 
 
 def base_url(serve: ServeSpec, host: str | None = None, port: int | None = None) -> str:

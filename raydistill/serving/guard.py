@@ -56,6 +56,20 @@ class ApiKeyMiddleware:
         await response(scope, receive, send)
 
 
+def replaying(body: bytes, receive):
+    """An ASGI ``receive`` that hands the app ``body`` (already read, whole) first, then the client's later messages."""
+    replayed = False
+
+    async def replay():
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
 class BodyLimitMiddleware:
     """Answers 413 to a request body over ``max_bytes``: at once from ``Content-Length``, else while it streams in.
 
@@ -86,16 +100,7 @@ class BodyLimitMiddleware:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replaying(b"".join(chunks), receive), send)
 
     async def _too_large(self, scope, receive, send, seen: str) -> None:
         message = f"the request body is too large ({seen}); this server accepts at most {self.max_bytes} bytes (serve.max_body_bytes)"

@@ -112,9 +112,11 @@ def guard_app(app, key_sha256: str | None, cors_origins: list[str] | tuple[str, 
 
 
 def guard_engine_app(app, limits: Limits, key_sha256: str | None, cors_origins: list[str] | tuple[str, ...] = (),
-                     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, extra_routes: list[str] | tuple[str, ...] = ()):
+                     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, extra_routes: list[str] | tuple[str, ...] = (),
+                     fast_completions: bool = True):
     """vLLM's OpenAI app (as ``LLMServer.__serve_build_asgi_app__`` builds it) cut to ``BASE_ROUTES`` plus
-    ``extra_routes``, with the limit checks on completions and chat and ``guard_app``'s middleware.
+    ``extra_routes``, with the limit checks on completions and chat and ``guard_app``'s middleware; with
+    ``fast_completions``, plain completions are answered inside those guards by ``FastCompletions``.
 
     vLLM's app also mounts metrics, health, version, docs, Anthropic messages, responses, SageMaker
     and admin routes (``/scale_elastic_ep``, ``/load``); none of them answers here (404), as on the
@@ -128,6 +130,12 @@ def guard_engine_app(app, limits: Limits, key_sha256: str | None, cors_origins: 
     app.user_middleware = [m for m in app.user_middleware if m.cls is not PrometheusInstrumentatorMiddleware]
     _check_route(app, paths["completions"], lambda body: check_completion(body, limits))
     _check_route(app, paths["chat"], lambda body: _check_chat_and_cap(body, limits))
+    if fast_completions:
+        from raydistill.serving.fastpath import FastCompletions
+
+        # Added first, so it is innermost: the key check, body cap, CORS and clean 5xx all still apply.
+        app.middleware_stack = None
+        app.add_middleware(FastCompletions, state=app.state, path=paths["completions"], check=lambda body: check_completion(body, limits))
     return guard_app(app, key_sha256, cors_origins, max_body_bytes)
 
 
@@ -164,7 +172,7 @@ def _check_route(app, path: str, check) -> None:
 
 def build_guarded_app(llm_configs: list, limits: Limits, key_sha256: str | None, cors_origins: list[str] | tuple[str, ...] = (),
                       max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, extra_routes: list[str] | tuple[str, ...] = (),
-                      ingress_options: dict | None = None):
+                      ingress_options: dict | None = None, fast_completions: bool = True):
     """The OpenAI app over ``llm_configs``, guarded. One model: its ``GuardedLLMServer`` deployment alone, the
     HTTP ingress itself. Several: one ``LLMServer`` deployment each behind ``GuardedIngress``, whose deployment
     options ``ingress_options`` override (``raydistill.serving.app.ingress_options``)."""
@@ -177,7 +185,7 @@ def build_guarded_app(llm_configs: list, limits: Limits, key_sha256: str | None,
 
     if len(llm_configs) == 1:
         guard = {"limits": limits, "key_sha256": key_sha256, "cors_origins": tuple(cors_origins), "max_body_bytes": max_body_bytes,
-                 "extra_routes": tuple(extra_routes)}
+                 "extra_routes": tuple(extra_routes), "fast_completions": fast_completions}
         # serve.ingress() with no app: the class builds its ASGI app in the replica (``__serve_build_asgi_app__``).
         return build_llm_deployment(llm_configs[0], name_prefix=NAME_PREFIX, deployment_cls=serve.ingress()(GuardedLLMServer),
                                     bind_kwargs={"guard": guard})

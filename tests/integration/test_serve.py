@@ -171,8 +171,8 @@ def _client(base: str, key: str = KEY):
     return openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=120)
 
 
-def _raw(base: str, path: str, body: bytes | None, key: str | None = KEY) -> tuple[int, dict]:
-    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+def _raw(base: str, path: str, body: bytes | None, key: str | None = KEY, headers: dict | None = None) -> tuple[int, dict]:
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {}), **(headers or {})}
     req = urllib.request.Request(base + path, data=body, headers=headers, method="POST" if body is not None else "GET")
     try:
         with urllib.request.urlopen(req, timeout=60) as resp:
@@ -236,6 +236,29 @@ def test_chat_streams_sse_chunks(served):
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert isinstance(text, str)
     assert any(c.choices and c.choices[0].finish_reason for c in chunks)
+
+
+@pytest.mark.parametrize("body", [
+    {"model": MODEL, "prompt": "the quiet forest", "max_tokens": 8, "temperature": 0},
+    {"prompt": "the quiet forest", "temperature": 0, "stop": [" the", "."], "seed": 3},  # vLLM's default model and max_tokens
+    {"model": MODEL, "prompt": "the quiet forest", "max_tokens": 4, "temperature": 0, "logprobs": 2, "echo": True},
+    {"model": MODEL, "prompt": "zq " * 600, "max_tokens": 4},  # more tokens than the model's 512: vLLM's refusal
+    {"model": MODEL, "prompt": "the quiet forest", "max_tokens": LIMITS["max_tokens"] + 1},  # our limit
+])
+def test_plain_completions_answer_as_vllms_route(served, body):
+    """serve.fast_completions (on by default) answers these in the replica's short path (tests/unit/test_serve_fastpath.py:
+    which requests it takes); the same request sent to vLLM's route gets the same answer, apart from its id and time.
+    The route is reached with a header the short path leaves to it (vLLM's load-metrics header, empty: no metrics)."""
+    fast = _raw(served, "/v1/completions", json.dumps(body).encode())
+    route = _raw(served, "/v1/completions", json.dumps(body).encode(), headers={"endpoint-load-metrics-format": ""})
+    assert fast[0] == route[0], (fast, route)
+    if fast[0] == 200:
+        assert fast[1]["id"] != route[1]["id"] and fast[1]["usage"]["completion_tokens"] >= 1
+        for answer in (fast[1], route[1]):
+            answer.pop("id"), answer.pop("created")
+    else:
+        assert fast[0] == 400, fast
+    assert fast[1] == route[1]
 
 
 def test_completion_streams(served):
