@@ -1,7 +1,7 @@
 """A plain ``/v1/completions`` request served by the replica without vLLM's FastAPI route.
 
 Why: on a fast engine the route's per-request machinery (FastAPI's dependency and body handling,
-the cancellation wrapper, the renderer's hop to its tokenizer thread pool, the merged result
+its own client-disconnect watcher, the renderer's hop to its tokenizer thread pool, the merged result
 iterator) keeps each request out of the engine long enough that its batches run smaller than bare
 vLLM's; serving the same requests through this path raised the one-model app's tokens/s by about
 5-9 % in interleaved runs (BENCHMARKS.md, "Serving").
@@ -19,7 +19,6 @@ refuses) goes to vLLM's route unchanged, as do validation errors, which that rou
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from typing import Any, Callable
@@ -47,18 +46,16 @@ class FastCompletions:
         if scope["type"] != "http" or scope.get("method") != "POST" or _app_path(scope) != self.path:
             return await self.app(scope, receive, send)
         raw = await _read_body(receive)
-        answer = await self._answer(scope, raw, receive)
+        answer = await self._answer(scope, raw)
         if answer is None:  # not ours: vLLM's route gets the request as it came
             return await self.app(scope, replaying(raw, receive), send)
         status, content = answer
-        if content is None:  # the client went away; the engine request was aborted
-            return
         body = json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 
-    async def _answer(self, scope, raw: bytes, receive) -> tuple[int, dict | None] | None:
+    async def _answer(self, scope, raw: bytes) -> tuple[int, dict] | None:
         from pydantic import ValidationError
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
@@ -89,17 +86,12 @@ class FastCompletions:
             engine_input = _render(serving, request)
         except refused:
             return None
-        work = asyncio.ensure_future(_complete(serving, request, engine_input, headers))
-        gone = asyncio.ensure_future(_disconnected(receive))
-        # As vLLM's route (``with_cancellation``): a client that disconnects cancels its request,
-        # and the cancelled generator aborts it in the engine.
-        done, pending = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-        for task in pending:
-            task.cancel()
-        if work not in done:
-            return 499, None
+        # No disconnect watcher of our own (vLLM's route has one, ``with_cancellation``): Serve already watches
+        # each HTTP request's client and cancels the handler when it goes (``Replica`` in direct ingress, or
+        # the proxy), and the cancelled ``generate`` aborts the request in the engine. A second watcher cost
+        # about 4 % of the tokens/s here, in an interleaved A/B (BENCHMARKS.md).
         try:
-            return work.result()
+            return await _complete(serving, request, engine_input, headers)
         except refused:  # raised as the engine took the request (a prompt too long for the model, say): nothing was generated
             return None
 
@@ -195,8 +187,3 @@ async def _read_body(receive) -> bytes:
         if not message.get("more_body"):
             break
     return b"".join(chunks)
-
-
-async def _disconnected(receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass

@@ -80,7 +80,7 @@ class _Serving:
         return SimpleNamespace(model_dump=lambda: {"id": request_id, "model": model_name, "prompt": outputs[0].prompt, "max_tokens": request.max_tokens})
 
 
-def _call(body, serving=None, headers=None, scope_extra=None, disconnect=False):
+def _call(body, serving=None, headers=None, scope_extra=None, cancel=False):
     """Run one request through FastCompletions; returns (what the inner app got or None, status, JSON sent or None)."""
     serving = serving or _Serving()
     inner = {}
@@ -99,8 +99,6 @@ def _call(body, serving=None, headers=None, scope_extra=None, disconnect=False):
     async def receive():
         if messages:
             return messages.pop(0)
-        if disconnect:
-            return {"type": "http.disconnect"}
         await asyncio.sleep(3600)
 
     async def send(message):
@@ -108,7 +106,19 @@ def _call(body, serving=None, headers=None, scope_extra=None, disconnect=False):
 
     middleware = FastCompletions(app, state=SimpleNamespace(openai_serving_completion=serving), path="/v1/completions",
                                  check=lambda request: check_completion(request, LIMITS))
-    asyncio.run(middleware(scope, receive, send))
+
+    async def run():
+        task = asyncio.ensure_future(middleware(scope, receive, send))
+        if cancel:  # as Serve does when the HTTP client goes away
+            while not serving.generated:
+                await asyncio.sleep(0)
+            task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+
+    asyncio.run(run())
     status = sent[0]["status"] if sent else None
     answer = json.loads(sent[1]["body"]) if len(sent) > 1 and status != 299 else None
     return inner.get("body"), status, answer
@@ -194,8 +204,9 @@ def test_the_route_prefix_is_stripped():
     assert inner is None and status == 200
 
 
-def test_a_client_that_disconnects_cancels_its_engine_request():
+def test_a_cancelled_request_is_aborted_in_the_engine():
+    """Serve cancels the handler of a request whose client disconnected; the engine request goes with it."""
     serving = _Serving(hang=True)
-    inner, status, answer = _call({"model": MODEL, "prompt": "hello"}, serving=serving, disconnect=True)
+    inner, status, answer = _call({"model": MODEL, "prompt": "hello"}, serving=serving, cancel=True)
     assert status is None and inner is None  # nothing sent to a client that left
     assert serving.aborted == ["cmpl-random-0"]
