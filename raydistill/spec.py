@@ -672,6 +672,15 @@ class ServeSpec(_Section):
             "tokens/s on a small model in interleaved runs (BENCHMARKS.md). false: every request goes through vLLM's route."
         ),
     )
+    separate_user_thread: bool = Field(
+        False,
+        description=(
+            "One served model: whether Serve runs the replica's code (the HTTP app and the vLLM engine's client) in a thread "
+            "of its own, Ray's default, or on the replica's own event loop (false, as Serve's throughput-optimized mode "
+            "does). With fast_completions, false served 6 % more tokens/s than true in an interleaved A/B on 2 cores "
+            "(BENCHMARKS.md). Several models keep Ray's default."
+        ),
+    )
     engine_metrics: bool = Field(
         False,
         description=(

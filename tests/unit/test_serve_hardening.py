@@ -359,6 +359,18 @@ def test_engine_metrics_are_opt_in():
     assert llm_config(model, asked).engine_kwargs["disable_log_stats"] is False
 
 
+def test_one_models_replica_runs_its_code_on_serves_loop_unless_asked():
+    """serve.separate_user_thread: false (default) sets Serve's switch on the replica that is the app's ingress only."""
+    from raydistill.serving.app import llm_config
+    from raydistill.serving.targets import Served
+    from raydistill.spec import ServeSpec
+
+    model, var = Served("m", "/nonexistent/student"), "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"
+    assert llm_config(model, ServeSpec(), ingress=True).runtime_env["env_vars"][var] == "0"
+    assert var not in llm_config(model, ServeSpec(separate_user_thread=True), ingress=True).runtime_env["env_vars"]
+    assert var not in llm_config(model, ServeSpec()).runtime_env["env_vars"]  # behind the ingress of several models
+
+
 def test_serve_cpu_threads_bind_is_checked():
     from pydantic import ValidationError
 
