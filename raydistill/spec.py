@@ -668,8 +668,8 @@ class ServeSpec(_Section):
         description=(
             "One served model: a plain non-streaming /v1/completions request (one text prompt of up to 4,096 characters, one "
             "choice) is answered by the replica's own short path, vLLM's non-streaming completion steps without its FastAPI "
-            "route and tokenizer thread pool, with the same validation, limits, sampling defaults and response; 5-9 % more "
-            "tokens/s on a small model in interleaved runs (BENCHMARKS.md). false: every request goes through vLLM's route."
+            "route and tokenizer thread pool, with the same validation, limits, sampling defaults and response; 6 % more "
+            "tokens/s on a small model in an interleaved A/B (BENCHMARKS.md). false: every request goes through vLLM's route."
         ),
     )
     separate_user_thread: bool = Field(

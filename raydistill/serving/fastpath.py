@@ -3,8 +3,8 @@
 Why: on a fast engine the route's per-request machinery (FastAPI's dependency and body handling,
 its own client-disconnect watcher, the renderer's hop to its tokenizer thread pool, the merged result
 iterator) keeps each request out of the engine long enough that its batches run smaller than bare
-vLLM's; serving the same requests through this path raised the one-model app's tokens/s by about
-5-9 % in interleaved runs (BENCHMARKS.md, "Serving").
+vLLM's; serving the same requests through this path raised the one-model app's tokens/s by
+about 6 % in an interleaved A/B (BENCHMARKS.md, "Serving").
 
 What it does is vLLM's own non-streaming completion path, step for step, with vLLM's own pieces:
 the body is validated as vLLM's ``CompletionRequest``; our limits are checked as on the route; the
