@@ -23,7 +23,17 @@ import json
 import time
 from typing import Any, Callable
 
-from raydistill.serving.guard import replaying
+from pydantic import ValidationError
+from vllm.entrypoints.generate.base.protocol import RequestResponseMetadata
+from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+from vllm.entrypoints.serve.utils.api_utils import get_max_tokens
+from vllm.exceptions import VLLMClientError
+from vllm.renderers.inputs.preprocess import parse_model_prompt
+
+from raydistill.serving.guard import error_body, replaying
+
+# What vLLM's route answers with a 4xx of its own wording.
+_REFUSED = (ValueError, VLLMClientError)
 
 # Longer prompts are tokenised in vLLM's thread pool (its route), so the replica's event loop never
 # blocks on one request's tokenisation for long.
@@ -56,9 +66,6 @@ class FastCompletions:
         await send({"type": "http.response.body", "body": body})
 
     async def _answer(self, scope, raw: bytes) -> tuple[int, dict] | None:
-        from pydantic import ValidationError
-        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
-
         serving = getattr(self.state, "openai_serving_completion", None)
         if serving is None or getattr(self.state, "enable_server_load_tracking", False):
             return None
@@ -76,15 +83,10 @@ class FastCompletions:
             return None
         problem = self.check(request)
         if problem:
-            from raydistill.serving.guard import error_body
-
             return 400, error_body(problem[1], code=400, param=problem[0])
-        from vllm.exceptions import VLLMClientError
-
-        refused = (ValueError, VLLMClientError)  # what vLLM's route answers with a 4xx of its own wording
         try:
             engine_input = _render(serving, request)
-        except refused:
+        except _REFUSED:
             return None
         # No disconnect watcher of our own (vLLM's route has one, ``with_cancellation``): Serve already watches
         # each HTTP request's client and cancels the handler when it goes (``Replica`` in direct ingress, or
@@ -92,7 +94,7 @@ class FastCompletions:
         # about 4 % of the tokens/s here, in an interleaved A/B (BENCHMARKS.md).
         try:
             return await _complete(serving, request, engine_input, headers)
-        except refused:  # raised as the engine took the request (a prompt too long for the model, say): nothing was generated
+        except _REFUSED:  # raised as the engine took the request (a prompt too long for the model, say): nothing was generated
             return None
 
 
@@ -113,10 +115,8 @@ def _plain(request, serving) -> bool:
 
 
 def _render(serving, request):
-    """vLLM's ``preprocess_cmpl`` for one text prompt, tokenised in this thread (short prompts only)."""
-    from vllm.renderers.inputs.preprocess import parse_model_prompt
-
-    extras = {k: v for k in ("mm_processor_kwargs", "cache_salt") if (v := getattr(request, k, None)) is not None}
+    """vLLM's ``preprocess_cmpl`` for one text prompt, tokenised in this thread (short prompts only; no multimodal kwargs)."""
+    extras = {"cache_salt": request.cache_salt} if request.cache_salt is not None else {}
     (engine_input,) = serving.renderer.render_cmpl([parse_model_prompt(serving.model_config, request.prompt)],
                                                    request.build_tok_params(serving.model_config), prompt_extras=extras)
     return engine_input
@@ -124,9 +124,6 @@ def _render(serving, request):
 
 async def _complete(serving, request, engine_input, headers: dict[str, str]) -> tuple[int, dict]:
     """vLLM's ``OpenAIServingCompletion._create_completion`` for one prompt and one choice, not streamed."""
-    from vllm.entrypoints.generate.base.protocol import RequestResponseMetadata
-    from vllm.entrypoints.serve.utils.api_utils import get_max_tokens
-
     raw_request = _Headers(headers)
     request_id = f"cmpl-{serving._base_request_id(raw_request, request.request_id)}"
     created = int(time.time())
